@@ -1,0 +1,3 @@
+from sparseft.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Export: adapter files, merged models, applying adapters to a base model."""

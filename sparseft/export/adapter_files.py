@@ -1,0 +1,92 @@
+"""Adapter directories: `adapter_config.json` + `adapter_model.safetensors`, every tensor in the base model's coordinates.
+
+Writing is atomic (a temporary directory renamed into place), so a failed export never leaves a half adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import sparseft
+from sparseft.errors import UserError
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, extra_files: dict[str, str] = {}):
+    """Write an adapter directory. `config` must hold `method` and `base_model`; format and versions are added here."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    cfg = {"format_version": FORMAT_VERSION, "sparseft_version": sparseft.__version__, **config}
+    for key in ("method", "base_model"):
+        if key not in cfg:
+            raise ValueError(f"adapter config needs {key!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        for name, text in extra_files.items():
+            (tmp / name).write_text(text)
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished temporary directory to `out`, replacing an older one only once the new one is complete."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def read_adapter(path: str | Path, method: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory: (config, tensors). Problems are UserErrors naming the file."""
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    if not d.is_dir():
+        raise UserError(f"adapter {d}: no such directory")
+    if not cfg_path.is_file():
+        raise UserError(f"adapter {d}: {CONFIG_NAME} is missing")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"adapter {cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"adapter {cfg_path}: must be a JSON object")
+    if "peft_type" in cfg and "method" not in cfg:
+        cfg = {**cfg, "method": "lora"}
+    for key in ("method", "base_model"):
+        if key not in cfg and not (key == "base_model" and "base_model_name_or_path" in cfg):
+            raise UserError(f"adapter {cfg_path}: key {key!r} is missing")
+    if method is not None and cfg["method"] != method:
+        raise UserError(f"adapter {d}: made by method {cfg['method']!r}, expected {method!r}")
+    version = cfg.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"adapter {cfg_path}: format_version {version!r} is newer than this sparseft reads "
+                        f"({FORMAT_VERSION}); upgrade sparseft")
+    if not w_path.is_file():
+        raise UserError(f"adapter {d}: {WEIGHTS_NAME} is missing")
+    try:
+        tensors = load_file(str(w_path))
+    except Exception as e:
+        raise UserError(f"adapter {w_path}: cannot read safetensors ({e})") from None
+    return cfg, tensors

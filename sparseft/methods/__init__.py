@@ -1,0 +1,7 @@
+"""Fine-tuning methods. Importing this package registers every method; this import list is the only list of them."""
+
+from sparseft.methods.base import Method, MethodConfig, MethodContext, build_method, method_names, register
+
+from sparseft.methods import full, lora  # noqa: E402,F401  (registration)
+
+__all__ = ["Method", "MethodConfig", "MethodContext", "build_method", "method_names", "register"]

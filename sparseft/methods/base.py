@@ -1,0 +1,125 @@
+"""The method protocol. A method chooses what trains, prepares the model, may hook into steps, and says how it exports.
+
+The trainer calls only what is here; it knows no method by name. Every hook has a default that does nothing, so a
+method writes only what it changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+
+import torch
+import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
+
+from sparseft.errors import UserError
+
+if TYPE_CHECKING:
+    from sparseft.recipe import Recipe
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's recipe section. Subclasses set `name: Literal["..."] = "..."` and their own fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class MethodContext:
+    """What a method may use while selecting and preparing, besides the model."""
+
+    recipe: "Recipe"
+    tokenizer: Any = None
+    # Yields training batches (dicts of tensors) for calibration: activation / gradient scores, SparseGPT, ...
+    calibration_batches: Callable[[int], Iterator[dict[str, torch.Tensor]]] | None = None
+    run_dir: Path | None = None
+    log: Callable[[str], None] = field(default=print)
+
+
+class Method:
+    """Default behaviour: nothing is selected, the model is unchanged, every parameter that requires grad trains."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[MethodConfig]]
+    has_adapter: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    # --- before training -------------------------------------------------------------------------------------------
+    def select(self, model: nn.Module, ctx: MethodContext) -> dict:
+        """Choose what trains. Returns a JSON-serialisable selection, saved in the run directory and reused on resume
+        and export (so expensive or data-dependent choices are made once)."""
+        return {}
+
+    def prepare(self, model: nn.Module, selection: dict, ctx: MethodContext) -> nn.Module:
+        """Turn the loaded base model into the trainable model (wrap layers, permute, freeze ...). Returns the model."""
+        return model
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """Parameter groups for the optimizer: weight decay on matrices, none on biases and norms."""
+        decay, no_decay = [], []
+        for p in self.trainable_parameters(model).values():
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    # --- during training -------------------------------------------------------------------------------------------
+    def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss to backpropagate and any extra terms to log. Default: the model's own causal-LM loss."""
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return out.loss, {}
+
+    def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Called before the micro-batches of optimizer step `step` (0-based)."""
+
+    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Called after the optimizer step; may return values to log."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """Method state a checkpoint must keep besides parameters and optimizer (a cycle position, masks ...)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # --- after training --------------------------------------------------------------------------------------------
+    def merged(self, model: nn.Module) -> nn.Module:
+        """A plain transformers model in the base model's original layout, with the training folded in."""
+        return model
+
+    def save_adapter(self, model: nn.Module, out_dir: Path, base_model: str) -> dict:
+        """Write the adapter tensors (and any method files) to `out_dir`; return the method's adapter_config fields."""
+        raise UserError(f"method {self.name!r} has no adapter form; export it with --merged")
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method known to recipes, the trainer and the exporter by its config's `name`."""
+    name = cls.config_cls.model_fields["name"].default
+    cls.name = name
+    _REGISTRY[name] = cls
+    return cls
+
+
+def method_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_config_classes() -> list[type[MethodConfig]]:
+    return [_REGISTRY[n].config_cls for n in method_names()]
+
+
+def build_method(cfg: MethodConfig) -> Method:
+    name = getattr(cfg, "name", None)
+    if name not in _REGISTRY:
+        raise UserError(f"method.name={name!r}: unknown method (known: {', '.join(method_names())})")
+    return _REGISTRY[name](cfg)

@@ -1,0 +1,207 @@
+"""Recipes: YAML read with OmegaConf (interpolation, key=value overrides, the CLI wins), validated once by pydantic into
+frozen models with unknown keys forbidden, then passed around typed.
+
+Help text lives once, in each field's description; `sparseft validate --explain` prints it from here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from sparseft.errors import UserError
+from sparseft.methods import MethodConfig
+from sparseft.methods.base import method_config_classes
+
+STABLE_KEYS = (
+    "model.path", "data.train.path", "data.max_length", "method.name", "train.max_steps",
+    "train.micro_batch_size", "train.lr", "train.seed", "train.output_dir",
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(Section):
+    path: str = Field(description="Local directory of a Hugging Face causal LM, or a hub id (only when online).")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to model.path.")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are loaded and trained in.")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
+
+
+class DataFile(Section):
+    path: str = Field(description="A local .jsonl, .json, .csv or .parquet file.")
+
+
+class DataSection(Section):
+    train: DataFile = Field(description="Training data.")
+    validation: DataFile | None = Field(None, description="Validation data; or use val_fraction.")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of train rows held out for validation.")
+    format: Literal["text", "instruction", "chat", "completion"] = Field(
+        "text",
+        description="text: {text}; instruction: alpaca {instruction, input, output}; chat: {messages: [{role, content}]}"
+        " (loss on assistant turns only); completion: {prompt, completion}. Prompt tokens never count in the loss.",
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename columns: {canonical_field: column_in_file}, e.g. {output: answer}.",
+    )
+    prompt_template: str | None = Field(
+        None,
+        description="instruction form: a template with {instruction} and {input}; the default is Alpaca's.",
+    )
+    max_length: int = Field(512, gt=0, description="Tokens per example; longer examples are truncated and counted.")
+
+
+class TrainSection(Section):
+    output_dir: str = Field("runs/default", description="Run directory: recipe, metrics, checkpoints, final state.")
+    max_steps: int = Field(gt=0, description="Optimizer steps.")
+    micro_batch_size: int = Field(1, gt=0, description="Examples per forward pass.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(gt=0, description="Peak learning rate.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (with momentum).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay on matrices (not biases or norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to lr over these steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="linear/cosine decay ends at lr * min_lr_ratio.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
+    seed: int = Field(0, description="Seeds data order, initialisation and selection.")
+    gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+    log_every: int = Field(1, gt=0, description="Write a metrics line every N steps.")
+    eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (needs validation data).")
+    eval_batches: int | None = Field(None, gt=0, description="Cap validation at N batches; null uses all.")
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
+    keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept.")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self):
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}")
+        return self
+
+
+class DistributedSection(Section):
+    config: str | dict[str, Any] | None = Field(
+        None, description="DeepSpeed config: a JSON path (e.g. configs/zero2.json) or an inline mapping."
+    )
+
+
+class EvalSection(Section):
+    data: str | None = Field(None, description="Data file scored at the end of training (same form as data.format).")
+
+
+class _RecipeBase(Section):
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    distributed: DistributedSection | None = None
+    eval: EvalSection | None = None
+
+
+@lru_cache(maxsize=1)
+def recipe_model() -> type[_RecipeBase]:
+    """The Recipe model, its `method` a union of every registered method's config keyed on `name`."""
+    classes = tuple(method_config_classes())
+    method_type = Annotated[Union[classes], Field(discriminator="name")] if len(classes) > 1 else classes[0]
+    return create_model("Recipe", __base__=_RecipeBase, method=(method_type, ...))
+
+
+# For type hints: every recipe is an instance of recipe_model(), which subclasses this.
+Recipe = _RecipeBase
+
+
+def _loc(loc: tuple, data: dict) -> str:
+    parts = list(loc)
+    # A tagged union adds the tag to the path (method.lora.rank): drop it so the path is the user's key.
+    if len(parts) > 1 and parts[0] == "method" and isinstance(data.get("method"), dict) \
+            and parts[1] == data["method"].get("name"):
+        del parts[1]
+    return ".".join(str(p) for p in parts)
+
+
+def _problems(err: ValidationError, data: dict) -> list[str]:
+    out = []
+    for e in err.errors():
+        key = _loc(e["loc"], data)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `sparseft validate --explain` lists the keys)"
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown method {e['input'].get('name')!r} (known: {e['ctx']['expected_tags']})" \
+                if isinstance(e.get("input"), dict) else msg
+        elif e["type"] == "union_tag_not_found":
+            key = "method.name"
+            msg = "missing: every recipe names its method"
+        elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        out.append(f"{key or '<recipe>'}: {msg}")
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, interpolate, override and validate a recipe. Every problem is reported at once as a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path}: no such file")
+    try:
+        base = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry line numbers in their text
+        raise UserError(f"recipe {path}: not valid YAML: {e}") from None
+    if not OmegaConf.is_dict(base):
+        raise UserError(f"recipe {path}: must be a mapping of sections (model, data, method, train)")
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise UserError(f"override {bad[0]!r}: expected key=value, e.g. train.lr=1e-4")
+    try:
+        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise UserError(f"recipe {path}: {key + ': ' if key else ''}{str(e).splitlines()[0]}") from None
+    return validate_recipe_data(data, source=str(path))
+
+
+def validate_recipe_data(data: Any, source: str = "recipe") -> Recipe:
+    try:
+        return recipe_model().model_validate(data)
+    except ValidationError as e:
+        problems = _problems(e, data if isinstance(data, dict) else {})
+        raise UserError(f"{source}: {len(problems)} problem(s)", problems) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))
+
+
+def explain() -> list[tuple[str, str, str]]:
+    """(key path, default, description) for every recipe key, read from the field descriptions."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str):
+        for name, f in model.model_fields.items():
+            ann = f.annotation
+            sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                       None)
+            if sub is not None and not issubclass(sub, MethodConfig):
+                walk(sub, f"{prefix}{name}.")
+                continue
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            rows.append((prefix + name, default, f.description or ""))
+
+    walk(_RecipeBase, "")
+    for cls in method_config_classes():
+        tag = cls.model_fields["name"].default
+        for name, f in cls.model_fields.items():
+            if name == "name":
+                continue
+            default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+            rows.append((f"method.{name}  [{tag}]", default, f.description or ""))
+    return rows
