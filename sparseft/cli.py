@@ -1,0 +1,191 @@
+"""The `sparseft` command. Each command parses its arguments and calls a library function; nothing else lives here.
+
+Exit codes: 0 done, 2 bad input (one message naming the key, file or row), 1 a failure while running.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sparseft.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Structured-sparse and memory-lean fine-tuning of LLMs, driven by YAML recipes.")
+recipes_app = typer.Typer(no_args_is_help=True, help="The bundled recipes: list them, copy one to edit.")
+app.add_typer(recipes_app, name="recipes")
+console = Console()
+err_console = Console(stderr=True)
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.lr=1e-4", show_default=False)]
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+
+
+def user_errors(fn):
+    """Turn a UserError into its message and exit code 2; anything else is a bug and keeps its traceback (exit 1)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            _quiet_libraries()
+            return fn(*args, **kwargs)
+        except UserError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in train.output_dir.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished or stopped run in train.output_dir.")] = False,
+):
+    """Train a recipe: `sparseft train recipes/quickstart.yaml train.max_steps=50`."""
+    from sparseft.recipe import load_recipe
+    from sparseft.train.loop import train as run_training
+
+    r = load_recipe(recipe, overrides or [])
+    result = run_training(r, resume=resume, overwrite=overwrite, reporter_console=console)
+    console.print(
+        f"[bold green]done[/] {result.steps} steps in {result.seconds:.1f}s · loss {result.first_loss:.4f} → "
+        f"{result.last_loss:.4f}" + (f" · validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
+        + f"\nrun directory: {result.run_dir}  (metrics.jsonl, loss.png, final/)", highlight=False)
+
+
+@app.command()
+@user_errors
+def validate(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML file.")] = None,
+    overrides: Overrides = None,
+    explain: Annotated[bool, typer.Option(help="List every recipe key with its default and help.")] = False,
+):
+    """Check a recipe without loading a model: every problem at once, each with its key path."""
+    from sparseft.recipe import explain as explain_keys, load_recipe
+
+    if explain:
+        table = Table("key", "default", "meaning", show_lines=False)
+        for key, default, text in explain_keys():
+            table.add_row(key, default, text)
+        console.print(table)
+        if recipe is None:
+            return
+    if recipe is None:
+        raise UserError("validate: give a recipe file (or --explain)")
+    r = load_recipe(recipe, overrides or [])
+    console.print(f"[green]ok[/] {recipe}: method {r.method.name}, model {r.model.path}, {r.train.max_steps} steps",
+                  highlight=False)
+
+
+def bundled_recipes_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "recipes"
+
+
+@recipes_app.command("ls")
+@user_errors
+def recipes_ls():
+    """List the bundled recipes."""
+    d = bundled_recipes_dir()
+    table = Table("name", "what it does")
+    for f in sorted(d.glob("*.yaml")):
+        first = next((ln for ln in f.read_text().splitlines() if ln.startswith("#")), "#")
+        table.add_row(f.stem, first.lstrip("# ").strip())
+    console.print(table)
+
+
+@recipes_app.command("cp")
+@user_errors
+def recipes_cp(name: Annotated[str, typer.Argument(help="Recipe name (see `sparseft recipes ls`).")],
+               dest: Annotated[Path, typer.Argument(help="Where to write the copy.")]):
+    """Copy a bundled recipe to edit it."""
+    src = bundled_recipes_dir() / f"{name.removesuffix('.yaml')}.yaml"
+    if not src.is_file():
+        known = ", ".join(sorted(f.stem for f in bundled_recipes_dir().glob("*.yaml")))
+        raise UserError(f"recipe {name!r}: not bundled (known: {known})")
+    target = dest / src.name if dest.is_dir() else dest
+    if target.exists():
+        raise UserError(f"{target}: exists already; choose another destination")
+    shutil.copyfile(src, target)
+    console.print(f"wrote {target}", highlight=False)
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory (train.output_dir).")],
+    merged: Annotated[Optional[Path], typer.Option(help="Write a merged Hugging Face model here.")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="Write the method's adapter here.")] = None,
+):
+    """Export a run as a merged model (--merged OUT) and/or an adapter (--adapter OUT), in the base model's layout."""
+    from sparseft.export.run import export_adapter, export_merged
+
+    if merged is None and adapter is None:
+        raise UserError("export: give --merged OUT and/or --adapter OUT")
+    if adapter is not None:
+        console.print(f"adapter → {export_adapter(run_dir, adapter)}", highlight=False)
+    if merged is not None:
+        console.print(f"merged model → {export_merged(run_dir, merged)}", highlight=False)
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="A base model, a run directory or a merged model.")],
+    data: Annotated[Path, typer.Option(help="Data file to score (jsonl, json, csv, parquet).")],
+    adapter: Annotated[Optional[list[str]], typer.Option(help="Adapter directory; repeat to score several in turn.")] = None,
+    form: Annotated[Optional[str], typer.Option(help="Data form: text, instruction, chat, completion "
+                                                     "(default: the run's, else text).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option(help="METRIC=VALUE: exit 1 if below (higher is better).")] = None,
+    fail_over: Annotated[Optional[list[str]], typer.Option(help="METRIC=VALUE: exit 1 if above (lower is better).")] = None,
+    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward.")] = 8,
+):
+    """Score a model (optionally with adapters) on a data file: perplexity, as a table and JSON; CI gates."""
+    from sparseft.eval.runner import check_gates, evaluate, parse_gates, write_json
+
+    if form is not None and form not in ("text", "instruction", "chat", "completion"):
+        raise UserError(f"--form {form!r}: expected text, instruction, chat or completion")
+    under, over = parse_gates(fail_under or [], "--fail-under"), parse_gates(fail_over or [], "--fail-over")
+    results = evaluate(model, str(data), adapter or [], form=form, max_length=max_length, batch_size=batch_size)
+    table = Table("model", "adapter", "perplexity", "loss", "tokens")
+    for r in results:
+        table.add_row(r.model, r.adapter or "-", f"{r.metrics['perplexity']:.3f}", f"{r.metrics['loss']:.4f}",
+                      str(r.metrics["tokens"]))
+    console.print(table)
+    if json_out is not None:
+        write_json(results, json_out)
+    missed = check_gates(results, under, over)
+    if missed:
+        for m in missed:
+            err_console.print(f"[bold red]gate missed:[/] {m}", highlight=False)
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app(prog_name="sparseft")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Rebuild a trained model from a run directory and export it: merged (a plain Hugging Face directory in the base
+model's layout) or as an adapter (each method's own form, in the base model's coordinates)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch.nn as nn
+
+import sparseft
+from sparseft.errors import UserError
+from sparseft.export.adapter_files import replace_dir
+from sparseft.methods import Method, MethodContext, build_method
+from sparseft.models import load_model, load_tokenizer
+from sparseft.recipe import Recipe, load_recipe, recipe_to_yaml
+from sparseft.train.checkpoint import TRAINABLE, RunDir, load_trainable
+
+
+@dataclass
+class TrainedRun:
+    recipe: Recipe
+    method: Method
+    model: nn.Module
+    tokenizer: object
+
+
+def is_run_dir(path: str | Path) -> bool:
+    return (Path(path) / "recipe.yaml").is_file() and (Path(path) / "selection.json").is_file()
+
+
+def load_run(run_dir: str | Path, state: str = "final") -> TrainedRun:
+    """The prepared model with its trained weights: base from model.path, selection and weights from the run."""
+    run = RunDir(Path(run_dir))
+    if not run.path.is_dir():
+        raise UserError(f"run directory {run.path}: no such directory")
+    if not is_run_dir(run.path):
+        raise UserError(f"{run.path}: not a sparseft run directory (no recipe.yaml and selection.json)")
+    src = run.final if state == "final" else run.checkpoints / state
+    if not (src / TRAINABLE).is_file():
+        have = ", ".join(d.name for d in run.checkpoint_dirs()) or "none"
+        raise UserError(f"{run.path}: no trained state {state!r} (the run has not finished; checkpoints: {have})")
+    recipe = load_recipe(run.recipe)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code)
+    model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
+    method = build_method(recipe.method)
+    selection = json.loads(run.selection.read_text())
+    model = method.prepare(model, selection, MethodContext(recipe=recipe, tokenizer=tokenizer, run_dir=run.path,
+                                                           log=lambda s: None))
+    load_trainable(model, src / TRAINABLE)
+    model.eval()
+    return TrainedRun(recipe, method, model, tokenizer)
+
+
+def export_merged(run_dir: str | Path, out: str | Path) -> Path:
+    """Write a merged model that `AutoModelForCausalLM.from_pretrained` loads with no sparseft installed."""
+    trained = load_run(run_dir)
+    merged = trained.method.merged(trained.model)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        merged.save_pretrained(tmp)
+        trained.tokenizer.save_pretrained(tmp)
+        (tmp / "sparseft_export.json").write_text(json.dumps(_describe(trained, "merged"), indent=2) + "\n")
+        (tmp / "sparseft_recipe.yaml").write_text(recipe_to_yaml(trained.recipe))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
+    """Write the method's adapter, tensors in the base model's own coordinates."""
+    trained = load_run(run_dir)
+    if not trained.method.has_adapter:
+        raise UserError(f"method {trained.method.name!r} has no adapter form; export it with --merged")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        fields = trained.method.save_adapter(trained.model, tmp, trained.recipe.model.path)
+        _stamp_adapter_config(tmp, trained, fields)
+        (tmp / "sparseft_recipe.yaml").write_text(recipe_to_yaml(trained.recipe))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _describe(trained: TrainedRun, form: str) -> dict:
+    return {"format_version": 1, "sparseft_version": sparseft.__version__, "form": form,
+            "method": trained.method.name, "base_model": trained.recipe.model.path}
+
+
+def _stamp_adapter_config(out: Path, trained: TrainedRun, fields: dict | None) -> None:
+    """Every adapter says what made it: method, base model, format and sparseft versions (the recipe is beside it).
+    PEFT warns that it ignores these keys when it loads a LoRA adapter; that is expected."""
+    path = out / "adapter_config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    desc = _describe(trained, "adapter")
+    desc.pop("form")
+    cfg.update({**desc, **(fields or {})})
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

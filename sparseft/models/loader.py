@@ -1,0 +1,55 @@
+"""Load causal LMs and tokenizers from a local directory, or from the hub when online (HF_HUB_OFFLINE is respected)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from sparseft.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _check_source(path: str, key: str) -> None:
+    p = Path(path).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise UserError(f"{key}={path}: not a model directory (no config.json)")
+        return
+    looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise UserError(f"{key}={path}: no such directory")
+    if _offline():
+        raise UserError(f"{key}={path}: not a local directory, and HF_HUB_OFFLINE is set so the hub is not asked")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model.path"):
+    """The tokenizer, with a pad token (the EOS token where the tokenizer has none)."""
+    from transformers import AutoTokenizer
+
+    _check_source(path, key)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}={path}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.path"):
+    """A causal LM in train mode-ready form (dropout settings from its config), on CPU, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    _check_source(path, key)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}={path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    return model

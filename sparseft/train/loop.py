@@ -1,0 +1,177 @@
+"""The training loop. It reads top to bottom: set-up, the step loop, the end of the run. It knows no method by name:
+everything method-specific goes through the method protocol (sparseft/methods/base.py)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sparseft.data import build_datasets, micro_batches
+from sparseft.errors import UserError
+from sparseft.eval.perplexity import perplexity
+from sparseft.methods import MethodContext, build_method
+from sparseft.models import load_model, load_tokenizer
+from sparseft.recipe import Recipe, recipe_to_yaml
+from sparseft.train.checkpoint import (RunDir, load_trainable, prune_checkpoints, read_meta, save_state,
+                                       set_rng_state)
+from sparseft.train.optim import Engine
+from sparseft.train.report import Reporter, plot_loss
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    val_loss: float | None
+    seconds: float
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporter_console=None) -> RunResult:
+    t = recipe.train
+    run = RunDir(Path(t.output_dir))
+    ckpt = _prepare_run_dir(run, recipe, resume, overwrite)
+    seed_everything(t.seed)
+
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code,
+                               key="model.tokenizer" if recipe.model.tokenizer else "model.path")
+    data = build_datasets(recipe.data, tokenizer, seed=t.seed)
+    model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
+    pad_id = tokenizer.pad_token_id
+
+    def calibration(n: int):
+        return itertools.islice(micro_batches(data.train, t.micro_batch_size, t.seed, 0, pad_id), n)
+
+    method = build_method(recipe.method)
+    ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path)
+    reporter = Reporter(run.metrics, t.max_steps, read_meta(ckpt)["step"] if ckpt else 0, reporter_console)
+    ctx.log = reporter.info
+    reporter.info(data.summary())
+    if ckpt is None:
+        selection = method.select(model, ctx)
+        run.write_json(run.selection, selection)
+    else:
+        selection = json.loads(run.selection.read_text())
+    model = method.prepare(model, selection, ctx)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph at the first block
+    model.train()
+
+    trainable = method.trainable_parameters(model)
+    engine = Engine(model, method.optimizer_param_groups(model, t.weight_decay), t)
+    n_train = sum(p.numel() for p in trainable.values())
+    n_all = sum(p.numel() for p in model.parameters())
+    reporter.info(f"method {method.name}: {n_train:,} trainable parameters of {n_all:,} ({100 * n_train / n_all:.3f}%)")
+
+    start = 0
+    if ckpt is not None:
+        start = _restore(ckpt, model, engine, method)
+        reporter.info(f"resumed from {ckpt} at step {start}")
+    per_step = t.micro_batch_size * t.grad_accum_steps
+    stream = micro_batches(data.train, t.micro_batch_size, t.seed, start * per_step, pad_id)
+
+    first = last = val = None
+    began = time.perf_counter()
+    for step in range(start, t.max_steps):
+        tick = time.perf_counter()
+        method.on_step_start(step, model, engine.optimizer)
+        loss_sum, tokens, extra = 0.0, 0, {}
+        for _ in range(t.grad_accum_steps):
+            batch = next(stream)
+            loss, logs = method.compute_loss(model, batch)
+            engine.backward(loss / t.grad_accum_steps)
+            loss_sum += float(loss.detach()) / t.grad_accum_steps
+            tokens += int(batch["attention_mask"].sum())
+            for k, v in logs.items():
+                extra[k] = extra.get(k, 0.0) + float(v) / t.grad_accum_steps
+        stats = engine.step()
+        extra.update(method.on_step_end(step, model, engine.optimizer))
+        done = step + 1
+        first = loss_sum if first is None else first
+        last = loss_sum
+        record = {"step": done, "loss": loss_sum, **extra, **stats,
+                  "tokens_per_s": tokens / max(time.perf_counter() - tick, 1e-9),
+                  "elapsed_s": time.perf_counter() - began}
+        reporter.log(record, show=done % t.log_every == 0 or done == t.max_steps)
+        if t.eval_every and data.validation and (done % t.eval_every == 0 or done == t.max_steps):
+            val = _validate(model, data.validation, t, pad_id)
+            reporter.log({"step": done, "val_loss": val, "val_perplexity": float(np.exp(val))})
+        if t.save_every and done % t.save_every == 0 and done < t.max_steps:
+            save_state(run.checkpoints / f"step-{done:08d}", model, list(trainable), _meta(done, per_step),
+                       method.state_dict(), engine.state_dict())
+            prune_checkpoints(run, t.keep_checkpoints)
+
+    save_state(run.final, model, list(trainable), _meta(t.max_steps, per_step), method.state_dict())
+    reporter.close()
+    if data.validation is not None and val is None:
+        val = _validate(model, data.validation, t, pad_id)
+    plot_loss(run.metrics, run.path / "loss.png", f"{method.name} · {Path(recipe.model.path).name}")
+    result = RunResult(run.path, t.max_steps - start, first, last, val, time.perf_counter() - began)
+    run.write_json(run.path / "summary.json", {k: str(v) if isinstance(v, Path) else v
+                                               for k, v in result.__dict__.items()})
+    return result
+
+
+def _prepare_run_dir(run: RunDir, recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+    """Create or reuse the run directory; returns the checkpoint to resume from (None for a fresh run)."""
+    text = recipe_to_yaml(recipe)
+    if resume:
+        if not run.recipe.exists():
+            raise UserError(f"train.output_dir={run.path}: nothing to resume (no run there)")
+        ckpt = run.latest_checkpoint()
+        if ckpt is None:
+            raise UserError(f"train.output_dir={run.path}: no checkpoint to resume from (set train.save_every)")
+        if run.recipe.read_text() != text:
+            raise UserError(f"train.output_dir={run.path}: the recipe differs from the one the run started with; "
+                            "resume with the same recipe and overrides")
+        return ckpt
+    if run.has_run():
+        if not overwrite:
+            raise UserError(f"train.output_dir={run.path}: holds a run already; use --resume to continue it, "
+                            "--overwrite to replace it, or another train.output_dir")
+        for p in (run.checkpoints, run.final):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in (run.metrics, run.selection, run.path / "summary.json", run.path / "loss.png"):
+            p.unlink(missing_ok=True)
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.recipe.write_text(text)
+    return None
+
+
+def _meta(step: int, per_step: int) -> dict:
+    return {"step": step, "examples_seen": step * per_step}
+
+
+def _restore(ckpt: Path, model, engine: Engine, method) -> int:
+    from sparseft.train.checkpoint import TRAINABLE
+
+    load_trainable(model, ckpt / TRAINABLE)
+    state = torch.load(ckpt / "engine.pt", weights_only=False)
+    engine.load_state_dict(state["engine"])
+    method.load_state_dict(torch.load(ckpt / "method.pt", weights_only=False))
+    set_rng_state(state["rng"])
+    return read_meta(ckpt)["step"]
+
+
+def _validate(model, examples, t, pad_id) -> float:
+    was_training = model.training
+    model.eval()
+    result = perplexity(model, examples, t.micro_batch_size, pad_id, max_batches=t.eval_batches)
+    model.train(was_training)
+    return result["loss"]

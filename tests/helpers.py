@@ -1,0 +1,40 @@
+"""Builders the tests share: data files and recipe files for the tiny models."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import yaml
+
+
+def write_arith(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        rows.append({"prompt": f"{a} + {b} =", "completion": f" {a + b}"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_recipe(tmp: Path, model_dir: str, method: dict | None = None, name: str = "recipe.yaml", **sections) -> Path:
+    """A complete recipe on arithmetic data in `tmp`; `sections` update model/data/train keys, e.g. train={...}."""
+    train_file = tmp / "train.jsonl"
+    val_file = tmp / "val.jsonl"
+    if not train_file.exists():
+        write_arith(train_file, 64, seed=0)
+        write_arith(val_file, 16, seed=1)
+    recipe = {
+        "model": {"path": model_dir},
+        "data": {"train": {"path": str(train_file)}, "validation": {"path": str(val_file)},
+                 "format": "completion", "max_length": 16},
+        "method": method or {"name": "full"},
+        "train": {"output_dir": str(tmp / "run"), "max_steps": 8, "micro_batch_size": 4, "lr": 3e-3, "seed": 0},
+    }
+    for key, value in sections.items():
+        recipe[key] = {**recipe.get(key, {}), **value}
+    path = tmp / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
