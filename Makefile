@@ -24,7 +24,7 @@ demo: install
 	$(BIN)/sparseft export runs/quickstart --merged demo/quickstart-merged
 	$(BIN)/sparseft eval demo/tiny-llama --data recipes/data/arith_val.jsonl --form completion --json demo/eval-base.json
 	$(BIN)/sparseft eval demo/quickstart-merged --data recipes/data/arith_val.jsonl --form completion \
-		--json demo/eval-tuned.json --fail-over perplexity=3.0
+		--json demo/eval-tuned.json --fail-over perplexity=2.5
 
 test: install
 	$(BIN)/python -m pytest -q

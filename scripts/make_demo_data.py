@@ -14,7 +14,7 @@ from pathlib import Path
 def rows(n: int, rng: random.Random) -> list[dict]:
     out = []
     for _ in range(n):
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        a, b = rng.randint(0, 19), rng.randint(0, 19)
         out.append({"prompt": f"{a} + {b} =", "completion": f" {a + b}"})
     return out
 

@@ -30,13 +30,15 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overri
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import logging
+    import torch
 
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed when it is installed; without this it warns that it fell back to the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
 
 
 def user_errors(fn):
