@@ -1,0 +1,269 @@
+"""Row / column delta adapters (S2FT's format) on a loaded base model: fuse, unfuse, apply, and mixed-adapter batches.
+
+An adapter holds, for each adapted linear at module path P (the base model's own path), `P.delta` and either `P.rows`
+(int64 output-row indices; delta is (k, d_in)) or `P.cols` (int64 input-column indices; delta is (d_out, k)), indices
+in the base model's coordinates and in the order of the delta's rows / columns. Fused: W[rows] += delta, or
+W[:, cols] += delta.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from sparseft.errors import UserError
+from sparseft.export.adapter_files import WEIGHTS_NAME, read_adapter
+
+KINDS = ("rows", "cols")
+
+
+@dataclass(frozen=True)
+class SparseDelta:
+    kind: str  # "rows" | "cols"
+    indices: torch.Tensor  # (k,) int64, base coordinates
+    delta: torch.Tensor  # (k, d_in) for rows, (d_out, k) for cols
+
+
+@dataclass
+class SparseAdapter:
+    """One adapter directory: its config and a SparseDelta per adapted module path."""
+
+    path: str
+    config: dict
+    modules: dict[str, SparseDelta]
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(d.delta.numel() for d in self.modules.values())
+
+    def check(self, model: nn.Module) -> None:
+        """Every module path exists on `model` as a linear, and every index and shape fits it."""
+        where = Path(self.path) / WEIGHTS_NAME
+        for name, d in self.modules.items():
+            try:
+                weight = getattr(model.get_submodule(name), "weight", None)
+            except AttributeError:
+                weight = None
+            if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+                raise UserError(f"adapter {where}: tensor {name}.delta: the model has no linear layer {name!r}")
+            d_out, d_in = weight.shape
+            n_idx = d_out if d.kind == "rows" else d_in
+            want = (len(d.indices), d_in) if d.kind == "rows" else (d_out, len(d.indices))
+            if tuple(d.delta.shape) != want:
+                raise UserError(f"adapter {where}: tensor {name}.delta has shape {tuple(d.delta.shape)}, the model's "
+                                f"{name} ({d_out}x{d_in}) needs {want}")
+            if len(d.indices) and int(d.indices.max()) >= n_idx:
+                raise UserError(f"adapter {where}: tensor {name}.{d.kind}: index {int(d.indices.max())} is out of "
+                                f"range for {n_idx} {d.kind} of {name}")
+
+
+def load_sparse_adapter(path: str | Path, model: nn.Module | None = None, method: str = "s2ft") -> SparseAdapter:
+    """Read and check an adapter directory; with `model`, also check that it fits that model."""
+    cfg, tensors = read_adapter(path, method=method)
+    where = Path(path) / WEIGHTS_NAME
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        module, _, suffix = key.rpartition(".")
+        if suffix not in ("delta",) + KINDS or not module:
+            raise UserError(f"adapter {where}: unexpected tensor {key!r} (expected <module>.delta with <module>.rows "
+                            f"or <module>.cols)")
+        groups.setdefault(module, {})[suffix] = t
+    modules: dict[str, SparseDelta] = {}
+    for module, parts in sorted(groups.items()):
+        kinds = [k for k in KINDS if k in parts]
+        if "delta" not in parts:
+            raise UserError(f"adapter {where}: tensor {module}.delta is missing (found {module}.{kinds[0]})")
+        if len(kinds) != 1:
+            raise UserError(f"adapter {where}: tensor {module}.delta needs exactly one of {module}.rows or "
+                            f"{module}.cols (found {kinds or 'neither'})")
+        kind = kinds[0]
+        idx, delta = parts[kind], parts["delta"]
+        name = f"{module}.{kind}"
+        if idx.ndim != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise UserError(f"adapter {where}: tensor {name} must be a 1-D integer tensor "
+                            f"(got {idx.dtype}, shape {tuple(idx.shape)})")
+        idx = idx.to(torch.long)
+        if len(idx) and int(idx.min()) < 0:
+            raise UserError(f"adapter {where}: tensor {name}: negative index {int(idx.min())}")
+        if len(torch.unique(idx)) != len(idx):
+            raise UserError(f"adapter {where}: tensor {name}: indices repeat")
+        if delta.ndim != 2 or not delta.dtype.is_floating_point:
+            raise UserError(f"adapter {where}: tensor {module}.delta must be a 2-D floating tensor "
+                            f"(got {delta.dtype}, shape {tuple(delta.shape)})")
+        if delta.shape[0 if kind == "rows" else 1] != len(idx):
+            raise UserError(f"adapter {where}: tensor {module}.delta has shape {tuple(delta.shape)} but {name} "
+                            f"holds {len(idx)} indices")
+        modules[module] = SparseDelta(kind, idx, delta)
+    adapter = SparseAdapter(str(path), cfg, modules)
+    if model is not None:
+        adapter.check(model)
+    return adapter
+
+
+def _as_adapter(adapter: SparseAdapter | str | Path, model: nn.Module) -> SparseAdapter:
+    a = adapter if isinstance(adapter, SparseAdapter) else load_sparse_adapter(adapter)
+    a.check(model)
+    return a
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    return model.get_submodule(name).weight
+
+
+def _add(weight: torch.Tensor, d: SparseDelta) -> None:
+    """weight[rows] += delta (or weight[:, cols] += delta): one rounding, the same arithmetic as a merge."""
+    idx = d.indices.to(weight.device)
+    delta = d.delta.to(weight.device, weight.dtype)
+    if d.kind == "rows":
+        weight[idx] = weight[idx] + delta
+    else:
+        weight[:, idx] = weight[:, idx] + delta
+
+
+@dataclass
+class _Backup:
+    rows: torch.Tensor  # (r,) indices and their original rows (r, d_in)
+    row_values: torch.Tensor
+    cols: torch.Tensor  # (c,) indices and their original columns (d_out, c)
+    col_values: torch.Tensor
+
+
+class AdapterSet:
+    """Adapters fused into one loaded base, switchable without reloading it.
+
+    Touched rows / columns of the original weights are backed up; every change recomputes a touched module as
+    backup + the active deltas in fusing order, never by subtraction, so unfusing everything restores the base bit
+    for bit and the same active adapters always give the same weights.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.active: list[SparseAdapter] = []
+        self._backup: dict[str, _Backup] = {}
+
+    def fuse(self, adapter: SparseAdapter | str | Path) -> SparseAdapter:
+        a = _as_adapter(adapter, self.model)
+        if any(a is b for b in self.active):
+            raise UserError(f"adapter {a.path}: already fused into this model")
+        self.active.append(a)
+        self._refresh(a.modules)
+        return a
+
+    def unfuse(self, adapter: SparseAdapter) -> None:
+        kept = [b for b in self.active if b is not adapter]
+        if len(kept) == len(self.active):
+            raise UserError(f"adapter {adapter.path}: not fused into this model")
+        self.active = kept
+        self._refresh(adapter.modules)
+
+    def unfuse_all(self) -> None:
+        names = {n for a in self.active for n in a.modules}
+        self.active = []
+        self._refresh(names)
+
+    @torch.no_grad()
+    def _refresh(self, names) -> None:
+        for name in names:
+            w = _weight(self.model, name)
+            old = self._backup.pop(name, None)
+            if old is not None:  # both backups hold original values, so their overlap agrees
+                w[old.rows] = old.row_values
+                w[:, old.cols] = old.col_values
+            deltas = [a.modules[name] for a in self.active if name in a.modules]
+            if not deltas:
+                continue
+            rows = [d.indices for d in deltas if d.kind == "rows"]
+            cols = [d.indices for d in deltas if d.kind == "cols"]
+            r = torch.unique(torch.cat(rows)) if rows else torch.zeros(0, dtype=torch.long)
+            c = torch.unique(torch.cat(cols)) if cols else torch.zeros(0, dtype=torch.long)
+            r, c = r.to(w.device), c.to(w.device)
+            self._backup[name] = _Backup(r, w[r].clone(), c, w[:, c].clone())
+            for d in deltas:
+                _add(w, d)
+
+
+_ATTR = "_sparseft_adapter_set"
+
+
+def adapter_set(model: nn.Module) -> AdapterSet:
+    """The model's AdapterSet, created on first use."""
+    s = getattr(model, _ATTR, None)
+    if s is None:
+        s = AdapterSet(model)
+        setattr(model, _ATTR, s)
+    return s
+
+
+def fuse(model: nn.Module, adapter: SparseAdapter | str | Path) -> SparseAdapter:
+    """Fuse an adapter into the base weights (adding to any already fused); returns the loaded adapter."""
+    return adapter_set(model).fuse(adapter)
+
+
+def unfuse(model: nn.Module, adapter: SparseAdapter) -> None:
+    """Take one fused adapter out; once none is left the base weights are exactly the original ones."""
+    s = adapter_set(model)
+    s.unfuse(adapter)
+    if not s.active:
+        delattr(model, _ATTR)
+
+
+def apply_adapters(model: nn.Module, adapters: list) -> nn.Module:
+    """Fuse adapters for good (no backup is kept), in list order."""
+    if getattr(model, _ATTR, None) is not None:
+        raise UserError("apply_adapters: this model has switchable adapters fused; unfuse them first")
+    loaded = [_as_adapter(a, model) for a in adapters]
+    with torch.no_grad():
+        for a in loaded:
+            for name, d in a.modules.items():
+                _add(_weight(model, name), d)
+    return model
+
+
+@contextmanager
+def mixed_adapters(model: nn.Module, adapters: list, row_adapter):
+    """One forward pass where batch row b uses adapters[row_adapter[b]] (-1: the base), without merging any.
+
+    Forward hooks on the adapted linears add each adapter's x @ delta^T to the outputs of its own batch rows.
+    """
+    loaded = [_as_adapter(a, model) for a in adapters]
+    ra = torch.as_tensor(row_adapter, dtype=torch.long).flatten()
+    if len(ra) and (int(ra.min()) < -1 or int(ra.max()) >= len(loaded)):
+        raise UserError(f"mixed_adapters: row_adapter values must be -1 or in [0, {len(loaded)})")
+    users: dict[str, list[tuple[torch.Tensor, SparseDelta]]] = {}
+    for i, a in enumerate(loaded):
+        batch_rows = (ra == i).nonzero().flatten()
+        if len(batch_rows) == 0:
+            continue
+        for name, d in a.modules.items():
+            users.setdefault(name, []).append((batch_rows, d))
+
+    def make_hook(entries, weight):
+        entries = [(b.to(weight.device), SparseDelta(d.kind, d.indices.to(weight.device),
+                                                      d.delta.to(weight.device, weight.dtype))) for b, d in entries]
+
+        def hook(_module, args, out):
+            x = args[0]  # (B, ..., d_in)
+            if x.shape[0] != len(ra):
+                raise ValueError(f"mixed_adapters: batch has {x.shape[0]} rows, row_adapter {len(ra)}")
+            for b, d in entries:
+                xs = x.index_select(0, b)  # (nb, ..., d_in)
+                if d.kind == "cols":
+                    upd = xs.index_select(-1, d.indices) @ d.delta.T  # (nb, ..., d_out)
+                else:
+                    upd = out.new_zeros(xs.shape[:-1] + out.shape[-1:])  # (nb, ..., d_out)
+                    upd[..., d.indices] = xs @ d.delta.T  # (nb, ..., k) into the adapted rows
+                out = out.index_add(0, b, upd.to(out.dtype))
+            return out
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(entries, _weight(model, name)))
+               for name, entries in users.items()]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,79 @@
+"""The S2FT layer: a frozen linear whose leading row or column slice trains as its own parameter."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sparseft.kernels.partial_linear import KINDS, Kind, leading_slice, slice_linear
+
+
+class SliceLinear(nn.Module):
+    """Wraps a (co-permuted) `nn.Linear`; its first k output rows (kind="rows") or input columns (kind="cols") train.
+
+    `trainable` holds the slice values themselves (not a delta), as an ordinary parameter that DeepSpeed and any
+    optimizer can own; it never shares storage with the frozen weight. `base_slice` keeps the initial slice so deltas
+    can be exported and merged exactly. Note: forward writes the trainable values into the frozen weight's slice
+    region, so `base_layer.weight` holds the live weight after a forward; use `merged_weight()` / `delta()` to read
+    results, never that region.
+    """
+
+    def __init__(self, base_layer: nn.Linear, kind: Kind, k: int):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
+        size = base_layer.out_features if kind == "rows" else base_layer.in_features
+        if not 0 < k <= size:
+            raise ValueError(f"k={k}: must be in [1, {size}] for kind={kind!r} of {base_layer}")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.kind, self.k = kind, k
+        initial = leading_slice(base_layer.weight, kind, k).detach()  # (k, d_in) rows | (d_out, k) cols
+        self.trainable = nn.Parameter(initial.clone())
+        # Not persistent: it equals the base model's slice, which the base checkpoint already holds.
+        self.register_buffer("base_slice", initial.clone(), persistent=False)
+
+    # Read-only views of the base layer, for code that inspects a linear's attributes (as PEFT layers offer).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return slice_linear(x, self.base_layer.weight, self.trainable, self.base_layer.bias, self.kind)
+
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """What training changed in the slice: trainable - base_slice (detached, the slice's shape)."""
+        return self.trainable.detach() - self.base_slice
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """A new full weight: the base weight with its slice set to base_slice + delta().
+
+        Computed exactly this way (not by copying `trainable`) so it is bit-identical to applying an exported delta
+        to the base weights.
+        """
+        w = self.base_layer.weight.detach().clone()  # (d_out, d_in); its slice region is overwritten below
+        leading_slice(w, self.kind, self.k).copy_(self.base_slice + self.delta())
+        return w
+
+    @torch.no_grad()
+    def unwrap(self) -> nn.Linear:
+        """The base layer with the merged slice written into its weight (in place); it stays frozen."""
+        leading_slice(self.base_layer.weight, self.kind, self.k).copy_(self.base_slice + self.delta())
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, k={self.k}, trainable={tuple(self.trainable.shape)} of {tuple(self.base_layer.weight.shape)}"

@@ -1,0 +1,48 @@
+"""S2FT end to end through the real CLI: train with a calibrated strategy, export both forms, apply the adapter."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from sparseft.cli import app
+from sparseft.export.sparse_adapters import apply_adapters
+from tests.helpers import write_recipe
+
+runner = CliRunner()
+
+
+def cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+def test_train_export_apply(tmp_path, tiny_model_dir):
+    base_dir = tiny_model_dir("qwen3")
+    method = {"name": "s2ft", "projections": ["q", "v", "o", "gate", "down"], "heads": {"count": 1},
+              "channels": {"ratio": 0.1}, "strategy": "gradient", "calibration_batches": 2}
+    recipe = write_recipe(tmp_path, base_dir, method, train={"max_steps": 4, "lr": 1e-2})
+    result = cli("train", recipe)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "layer 1: heads [" in result.output and "channels 12 of 128" in result.output
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert selection["strategy"] == "gradient" and len(selection["heads"]["0"]) == 1
+
+    result = cli("export", tmp_path / "run", "--adapter", tmp_path / "adapter", "--merged", tmp_path / "merged")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["method"] == "s2ft" and cfg["format_version"] == 1 and cfg["unit"] == "kv_group"
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    base = apply_adapters(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), [tmp_path / "adapter"])
+    merged_sd = merged.state_dict()
+    assert all(torch.equal(p, merged_sd[n]) for n, p in base.state_dict().items())
+
+
+def test_budget_error_exits_2(tmp_path, tiny_model_dir):
+    method = {"name": "s2ft", "heads": {"count": 9}}
+    result = cli("train", write_recipe(tmp_path, tiny_model_dir("mistral"), method, train={"max_steps": 1}))
+    assert result.exit_code == 2
+    assert "method.heads.count=9: the model has 2 kv groups per layer" in result.output

@@ -1,0 +1,94 @@
+"""Co-permutation keeps the function; prepare wraps exactly the listed projections of blocks with selected units."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sparseft.methods.s2ft.layers import SliceLinear
+from sparseft.methods.s2ft.permute import layer_orders, permute_model
+from sparseft.models.arch import ROLES, arch_of
+from tests.methods.s2ft.s2ft_testlib import context, logits, s2ft
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_co_permutation_keeps_logits(load, arch):
+    model = load(arch)
+    spec = arch_of(model)
+    if arch == "qwen2":  # non-zero q/k/v biases, so a bias left behind would show
+        with torch.no_grad():
+            for layer in range(spec.num_layers):
+                for role in ("q", "k", "v"):
+                    spec.proj(model, layer, role).bias.normal_(0, 0.5)
+    ids = torch.randint(4, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    before = logits(model, ids)
+    original = {n: t.clone() for n, t in model.state_dict().items()}
+    last = spec.num_kv_heads - 1
+    selection = {"heads": {"0": [last], "1": [1, last]}, "channels": {"0": [3, 70, 127], "1": [0, 64]}}
+    orders = layer_orders(selection, spec)
+    permute_model(model, spec, orders)
+    assert not torch.equal(spec.proj(model, 0, "q").weight, original["model.layers.0.self_attn.q_proj.weight"])
+    torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=0)
+    permute_model(model, spec, orders, inverse=True)
+    assert all(torch.equal(t, original[n]) for n, t in model.state_dict().items())
+
+
+def _expected_trainable(spec, selection) -> int:
+    n = 0
+    for layer in range(spec.num_layers):
+        for role in selection["projections"]:
+            units = len(selection["heads" if role in ("q", "k", "v", "o") else "channels"][str(layer)])
+            other = spec.hidden_size  # every projection's other side is the hidden size
+            n += units * spec.unit_size(role) * other
+    return n
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("projections", [["o", "down"], list(ROLES)])
+def test_prepare_wraps_listed_projections(load, arch, projections):
+    model = load(arch)
+    spec = arch_of(model)
+    method = dict(projections=projections, heads={"count": 1}, channels={"count": 8}, seed=1)
+    m = s2ft(**method)
+    ctx = context(model, **method)
+    selection = m.select(model, ctx)
+    model = m.prepare(model, selection, ctx)
+    for layer in range(spec.num_layers):
+        for role in ROLES:
+            module = model.get_submodule(spec.proj_path(layer, role))
+            if role in projections:
+                assert isinstance(module, SliceLinear)
+                assert module.kind == ("cols" if role in ("o", "down") else "rows")
+                assert module.k == spec.unit_size(role) * (1 if role in ("q", "k", "v", "o") else 8)
+            else:
+                assert type(module) is nn.Linear
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.endswith(".trainable") for n in trainable)
+    assert len(trainable) == spec.num_layers * len(projections)
+    assert sum(p.numel() for p in trainable.values()) == _expected_trainable(spec, selection)
+    assert set(m.trainable_parameters(model)) == set(trainable)
+
+
+def test_prepare_skips_layers_without_units(load):
+    model = load("mistral")
+    spec = arch_of(model)
+    selection = {"unit": "kv_group", "projections": ["q", "o", "down"], "num_kv_groups": 2, "num_channels": 128,
+                 "heads": {"0": [1], "1": []}, "channels": {"0": [], "1": [4, 2]}}
+    m = s2ft(projections=["q", "o", "down"])
+    model = m.prepare(model, selection, context(model))
+    wrapped = {(layer, role) for layer in range(2) for role in ("q", "o", "down")
+               if isinstance(model.get_submodule(spec.proj_path(layer, role)), SliceLinear)}
+    assert wrapped == {(0, "q"), (0, "o"), (1, "down")}
+
+
+def test_prepare_rejects_a_selection_for_another_model(load):
+    from sparseft.errors import UserError
+
+    model = load("mistral")
+    bad = {"unit": "kv_group", "projections": ["o"], "heads": {"0": [5], "7": [0]}, "channels": {}}
+    with pytest.raises(UserError, match="selection does not fit") as e:
+        s2ft().prepare(model, bad, context(model))
+    assert len(e.value.problems) == 2

@@ -1,0 +1,148 @@
+"""S2FT config and unit selection: strategies, scopes, budgets and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tests.methods.s2ft.s2ft_testlib import context, recipe, s2ft
+
+from sparseft.errors import UserError
+from sparseft.models.arch import arch_of
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def select(model, logs=None, **method):
+    return s2ft(**method).select(model, context(model, logs, **method))
+
+
+def test_config_defaults_and_validation():
+    cfg = recipe().method
+    assert cfg.projections == ["o", "down"] and cfg.scope == "per_layer" and cfg.seed is None
+    assert recipe(projections=["down", "q"]).method.projections == ["q", "down"]  # canonical order
+    bad = [
+        ({"projections": ["q", "x"]}, "method.projections"),
+        ({"projections": []}, "method.projections"),
+        ({"heads": {"ratio": 1.3}}, "method.heads.ratio"),
+        ({"heads": {"ratio": 0.5, "count": 2}}, "method.heads"),
+        ({"channels": {}}, "method.channels"),
+        ({"channels": {"count": -1}}, "method.channels.count"),
+        ({"heads": {"fraction": 0.5}}, "method.heads.fraction"),
+        ({"strategy": "magic"}, "method.strategy"),
+        ({"calibration_batches": 0}, "method.calibration_batches"),
+    ]
+    for method, key in bad:
+        with pytest.raises(UserError) as e:
+            recipe(**method)
+        assert any(p.startswith(key) for p in e.value.problems), (method, e.value.problems)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_random_is_seeded_and_fits_budget(load, arch):
+    model = load(arch)
+    spec = arch_of(model)
+    method = dict(projections=["q", "o", "up", "down"], heads={"count": 1}, channels={"ratio": 0.1}, seed=3)
+    logs = []
+    a = select(model, logs, **method)
+    assert a == select(model, **method)
+    assert a != select(model, **{**method, "seed": 4})
+    assert select(model, **{**method, "seed": None}) == select(model, **{**method, "seed": 0})  # train.seed is 0
+    json.dumps(a)  # serialisable as-is
+    assert a["unit"] == "kv_group" and a["projections"] == ["q", "o", "up", "down"]
+    for layer in range(spec.num_layers):
+        heads, chans = a["heads"][str(layer)], a["channels"][str(layer)]
+        assert len(heads) == 1 and heads[0] < spec.num_kv_heads
+        assert len(chans) == 12 and chans == sorted(chans)  # floor(0.1 * 128)
+    assert f"layer 0: heads {a['heads']['0']} of {spec.num_kv_heads}, channels 12 of 128" in logs[0]
+
+
+def _scale_unit(model, layer: int, group: int | None, channel: int | None, by: float = 10.0):
+    spec = arch_of(model)
+    with torch.no_grad():
+        if group is not None:
+            size = spec.unit_size("o")
+            spec.proj(model, layer, "o").weight[:, group * size:(group + 1) * size] *= by
+        if channel is not None:
+            spec.proj(model, layer, "down").weight[:, channel] *= by
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_weight_picks_largest_norm_units(load, arch):
+    model = load(arch)
+    spec = arch_of(model)
+    last = spec.num_kv_heads - 1
+    _scale_unit(model, 0, last, 7)
+    _scale_unit(model, 1, 0, 100)
+    sel = select(model, strategy="weight", heads={"count": 1}, channels={"count": 1})
+    assert sel["heads"] == {"0": [last], "1": [0]} and sel["channels"] == {"0": [7], "1": [100]}
+    small = select(model, strategy="weight", order="smallest", heads={"count": 1}, channels={"count": 1})
+    assert small["heads"]["0"] != [last] and small["channels"]["0"] != [7]
+
+
+def test_global_scope_ranks_across_layers(load):
+    model = load("llama")
+    for g in (1, 2):
+        _scale_unit(model, 0, g, None)
+    for c in (5, 9, 11):
+        _scale_unit(model, 1, None, c)
+    glob = select(model, strategy="weight", scope="global", heads={"count": 2}, channels={"count": 3})
+    assert glob["heads"] == {"0": [1, 2], "1": []}
+    assert glob["channels"] == {"0": [], "1": [5, 9, 11]}
+    per = select(model, strategy="weight", heads={"count": 2}, channels={"count": 3})
+    assert per["heads"]["0"] == [1, 2] and len(per["heads"]["1"]) == 2
+    ratio = select(model, strategy="weight", scope="global", heads={"ratio": 0.25}, channels={"ratio": 0.5})
+    assert sum(map(len, ratio["heads"].values())) == 2  # 0.25 of 4 groups x 2 layers
+    assert sum(map(len, ratio["channels"].values())) == 128
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+@pytest.mark.parametrize("strategy", ["activation", "gradient"])
+def test_calibrated_strategies(load, arch, strategy):
+    model = load(arch)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    sel = select(model, strategy=strategy, projections=["v", "o", "gate", "down"], heads={"count": 1},
+                 channels={"ratio": 0.25}, calibration_batches=2)
+    assert all(len(v) == 1 for v in sel["heads"].values())
+    assert all(len(v) == 32 for v in sel["channels"].values())
+    assert all(p.grad is None for p in model.parameters())
+    assert before == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_activation_picks_loud_units(load):
+    model = load("mistral")
+    spec = arch_of(model)
+    with torch.no_grad():  # louder v rows of kv group 1 and up row of channel 7 -> louder inputs to o and down
+        spec.proj(model, 0, "v").weight[spec.head_dim:] *= 20
+        spec.proj(model, 0, "up").weight[7] *= 50
+    sel = select(model, strategy="activation", heads={"count": 1}, channels={"count": 1})
+    assert sel["heads"]["0"] == [1] and sel["channels"]["0"] == [7]
+
+
+def test_activation_needs_calibration_data(load):
+    model = load("llama")
+    ctx = context(model, strategy="activation")
+    ctx.calibration_batches = None
+    with pytest.raises(UserError, match="method.strategy=activation"):
+        s2ft(strategy="activation").select(model, ctx)
+
+
+@pytest.mark.parametrize("method, message", [
+    (dict(projections=["o"], heads={"count": 9}), "method.heads.count=9: the model has 2 kv groups per layer"),
+    (dict(projections=["q"], heads={"ratio": 0.2}), "method.heads.ratio=0.2"),
+    (dict(projections=["q"], scope="global", heads={"ratio": 0.2}), "method.heads.ratio=0.2"),
+    (dict(projections=["q"], scope="global", heads={"count": 5}), "method.heads.count=5: the model has 4 kv groups"),
+    (dict(projections=["down"], channels={"count": 129}), "method.channels.count=129"),
+    (dict(projections=["o", "down"], heads={"count": 0}, channels={"count": 0}), "select nothing"),
+])
+def test_impossible_budgets(load, method, message):
+    model = load("mistral")  # 2 kv groups per layer, 2 layers, 128 channels
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        select(model, **method)
+
+
+def test_budget_of_unlisted_kind_is_ignored(load):
+    model = load("mistral")
+    sel = select(model, projections=["down"], heads={"count": 99}, channels={"count": 2})
+    assert sel["heads"] == {"0": [], "1": []} and all(len(v) == 2 for v in sel["channels"].values())
