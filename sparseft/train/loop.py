@@ -57,6 +57,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     def calibration(n: int):
         return itertools.islice(micro_batches(data.train, t.micro_batch_size, t.seed, 0, pad_id), n)
 
+    n_base = sum(p.numel() for p in model.parameters())
     method = build_method(recipe.method)
     ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path)
     reporter = Reporter(run.metrics, t.max_steps, read_meta(ckpt)["step"] if ckpt else 0, reporter_console)
@@ -76,8 +77,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     trainable = method.trainable_parameters(model)
     engine = Engine(model, method.optimizer_param_groups(model, t.weight_decay), t)
     n_train = sum(p.numel() for p in trainable.values())
-    n_all = sum(p.numel() for p in model.parameters())
-    reporter.info(f"method {method.name}: {n_train:,} trainable parameters of {n_all:,} ({100 * n_train / n_all:.3f}%)")
+    reporter.info(f"method {method.name}: {n_train:,} trainable parameters; the base model has {n_base:,} "
+                  f"({100 * n_train / n_base:.3f}%)")
 
     start = 0
     if ckpt is not None:
