@@ -76,4 +76,5 @@ class SliceLinear(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, k={self.k}, trainable={tuple(self.trainable.shape)} of {tuple(self.base_layer.weight.shape)}"
+        shapes = f"{tuple(self.trainable.shape)} of {tuple(self.base_layer.weight.shape)}"
+        return f"kind={self.kind}, k={self.k}, trainable={shapes}"

@@ -1,0 +1,167 @@
+"""slice_linear against a dense autograd reference: values, gradients, accumulation, saved memory, checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sparseft.kernels import leading_slice, slice_linear
+
+# (kind, d_out, d_in, k, leading dims of x)
+CASES = [
+    ("rows", 24, 16, 5, (7,)),
+    ("rows", 48, 32, 48, (3, 4)),  # the whole weight trains
+    ("rows", 40, 24, 1, (2, 3, 2)),
+    ("cols", 24, 16, 3, (2, 5)),
+    ("cols", 8, 40, 1, (2, 3)),
+    ("cols", 16, 32, 32, (6,)),
+]
+TOL = {torch.float32: 1e-6, torch.bfloat16: 2e-2}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_case(kind, d_out, d_in, k, lead, dtype=torch.float32, bias=None, seed=0):
+    """(x, frozen weight, trainable slice, bias) for slice_linear; (x, full weight, bias) copies for the dense one."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(d_out, d_in, generator=g).to(dtype)
+    initial = leading_slice(w, kind, k)  # the trained slice differs from the frozen values it replaces
+    t = torch.nn.Parameter((initial + 0.5 * torch.randn(initial.shape, generator=g)).to(dtype))
+    x = torch.randn(*lead, d_in, generator=g).to(dtype).requires_grad_()
+    b = None if bias is None else torch.randn(d_out, generator=g).to(dtype).requires_grad_(bias == "trainable")
+    w_ref = w.clone()
+    leading_slice(w_ref, kind, k).copy_(t.detach())
+    w_ref.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    b_ref = None if b is None else b.detach().clone().requires_grad_(b.requires_grad)
+    return (x, w, t, b), (x_ref, w_ref, b_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [None, "frozen", "trainable"])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_dense_reference(case, bias, dtype):
+    kind, d_out, d_in, k, lead = case
+    (x, w, t, b), (x_ref, w_ref, b_ref) = make_case(kind, d_out, d_in, k, lead, dtype, bias)
+    y = slice_linear(x, w, t, b, kind)
+    y_ref = F.linear(x_ref, w_ref, b_ref)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    y_ref.backward(gy)
+
+    tol = TOL[dtype]
+    assert y.shape == y_ref.shape == (*lead, d_out)
+    assert rel_err(y, y_ref) < tol
+    assert rel_err(x.grad, x_ref.grad) < tol
+    assert t.grad.dtype == t.dtype and t.grad.shape == t.shape
+    assert rel_err(t.grad, leading_slice(w_ref.grad, kind, k)) < tol
+    assert w.grad is None and not w.requires_grad
+    if bias == "trainable":
+        assert rel_err(b.grad, b_ref.grad) < tol
+    elif bias == "frozen":
+        assert b.grad is None
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_gradient_accumulation(case):
+    """Two backward calls add up, including two forwards before one backward (the weight is rewritten in between)."""
+    kind, d_out, d_in, k, lead = case
+    (x, w, t, b), (x_ref, w_ref, _) = make_case(kind, d_out, d_in, k, lead)
+    x2 = torch.randn_like(x)
+    for xi in (x, x2):
+        slice_linear(xi, w, t, None, kind).square().sum().backward()
+        F.linear(xi.detach(), w_ref).square().sum().backward()
+    assert rel_err(t.grad, leading_slice(w_ref.grad, kind, k)) < 1e-6
+
+    t.grad = None
+    w_ref.grad = None
+    loss = sum(slice_linear(xi, w, t, None, kind).square().sum() for xi in (x, x2))
+    loss_ref = sum(F.linear(xi.detach(), w_ref).square().sum() for xi in (x, x2))
+    loss.backward()
+    loss_ref.backward()
+    assert rel_err(t.grad, leading_slice(w_ref.grad, kind, k)) < 1e-6
+
+
+def saved_tensors(fn, exclude=()):
+    """Tensors autograd saves while running fn(), minus those sharing storage with `exclude` (the weights)."""
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols"])
+def test_saves_only_what_the_slice_needs(kind):
+    d_out, d_in, k, lead = 32, 64, 4, (3, 5)
+    (x, w, t, _), (x_ref, w_ref, _) = make_case(kind, d_out, d_in, k, lead)
+    ours = saved_tensors(lambda: slice_linear(x, w, t, None, kind), exclude=(w, t))
+    dense = saved_tensors(lambda: F.linear(x_ref, w_ref), exclude=(w_ref,))
+    nbytes = lambda ts: sum(s.numel() * s.element_size() for s in ts)  # noqa: E731
+    x_bytes = x.numel() * x.element_size()
+    assert nbytes(dense) == x_bytes
+    # rows: the slice gradient g[..., :k]^T x needs all of x; cols: only x[..., :k], i.e. k/d_in of it.
+    assert nbytes(ours) == (x_bytes if kind == "rows" else x_bytes * k // d_in)
+    for s in ours:  # nothing saved keeps a larger tensor alive through a view
+        assert s.untyped_storage().nbytes() == s.numel() * s.element_size()
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]])
+def test_under_activation_checkpointing(case):
+    kind, d_out, d_in, k, lead = case
+    (x, w, t, _), _ = make_case(kind, d_out, d_in, k, lead)
+
+    def block(inp):  # a nonlinearity after the linear, so backward needs recomputed values
+        return torch.tanh(slice_linear(inp, w, t, None, kind)).square()
+
+    block(x).sum().backward()
+    gx, gt = x.grad.clone(), t.grad.clone()
+    x.grad = t.grad = None
+    checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert torch.allclose(x.grad, gx, rtol=1e-6, atol=0) and torch.allclose(t.grad, gt, rtol=1e-6, atol=0)
+
+
+def test_autocast_bf16_with_fp32_parameters():
+    """Mixed precision: computes like F.linear under autocast; gradients come back in the inputs' dtypes."""
+    (x, w, t, _), (x_ref, w_ref, _) = make_case("cols", 24, 16, 3, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = slice_linear(x, w, t, None, "cols")
+        y_ref = F.linear(x_ref, w_ref)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    y_ref.float().sum().backward()
+    assert t.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    assert rel_err(t.grad, leading_slice(w_ref.grad, "cols", 3)) < 2e-2
+    assert rel_err(x.grad, x_ref.grad) < 2e-2
+
+
+def test_step_between_forward_and_backward_is_caught():
+    (x, w, t, _), _ = make_case("rows", 24, 16, 5, (7,))
+    y = slice_linear(x, w, t, None, "rows")
+    with torch.no_grad():
+        t.add_(1.0)  # e.g. an optimizer step: the saved slice no longer matches the forward
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_rejects_bad_arguments():
+    w, x = torch.randn(8, 6), torch.randn(2, 6)
+    with pytest.raises(ValueError, match="freeze it"):
+        slice_linear(x, w.clone().requires_grad_(), torch.randn(2, 6), None, "rows")
+    with pytest.raises(ValueError, match="not a leading cols slice"):
+        slice_linear(x, w, torch.randn(2, 6), None, "cols")
+    with pytest.raises(ValueError, match="kind="):
+        slice_linear(x, w, torch.randn(2, 6), None, "heads")
+    with pytest.raises(ValueError, match="k=0"):
+        slice_linear(x, w, torch.randn(0, 6), None, "rows")
