@@ -23,7 +23,8 @@ def main() -> None:
     ap.add_argument("--intermediate", type=int, default=None, help="default: 3 x hidden")
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--vocab", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=512, help="tokenizer vocabulary")
+    ap.add_argument("--model-vocab", type=int, default=None, help="embedding rows, if larger than the tokenizer's")
     ap.add_argument("--corpus", nargs="*", default=[], help="jsonl files whose text the tokenizer is trained on")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -34,7 +35,8 @@ def main() -> None:
             if line.strip():
                 corpus.extend(str(v) for v in json.loads(line).values())
     out = build_tiny_model(
-        args.out, args.arch, corpus=corpus, seed=args.seed, vocab_size=args.vocab, hidden_size=args.hidden,
+        args.out, args.arch, corpus=corpus, seed=args.seed, vocab_size=args.vocab, model_vocab_size=args.model_vocab,
+        hidden_size=args.hidden,
         num_layers=args.layers, intermediate_size=args.intermediate or 3 * args.hidden,
         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
     )

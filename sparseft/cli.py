@@ -185,6 +185,55 @@ def eval_cmd(
         raise typer.Exit(1)
 
 
+@app.command()
+@user_errors
+def bench(
+    recipe: Annotated[Path, typer.Argument(help="An s2ft recipe: its model, batch shape and S2FT settings are used.")],
+    methods: Annotated[str, typer.Option(help="Comma-separated entries: methods, `floor` and `serve`.")] =
+        "floor,full,lora,s2ft,serve",
+    steps: Annotated[int, typer.Option(help="Timed steps per method.")] = 5,
+    warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 2,
+    out: Annotated[Path, typer.Option(help="Directory for bench.json and bench.png.")] = Path("runs/bench"),
+):
+    """Median step time and peak memory of several methods on the same model and batch, each in its own process,
+    with ratios to full FT and to the floor (a frozen model: forward plus input-gradient backprop only)."""
+    from sparseft.bench.runner import run_bench
+    from sparseft.methods import method_names
+    from sparseft.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    entries = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [e for e in entries if e not in (*method_names(), "floor", "serve")]
+    if unknown:
+        raise UserError(f"--methods: unknown entries {unknown} (known: floor, serve, {', '.join(method_names())})")
+    run_bench(r, recipe, entries, steps, warmup, out, console)
+
+
+adapter_app = typer.Typer(no_args_is_help=True, help="Apply S2FT adapters to a base model: fuse several and save.")
+app.add_typer(adapter_app, name="adapter")
+
+
+@adapter_app.command("apply")
+@user_errors
+def adapter_apply(
+    base: Annotated[Path, typer.Argument(help="The base model directory the adapters were trained on.")],
+    adapter: Annotated[list[Path], typer.Option(help="Adapter directory; repeat to fuse several (overlaps add).")],
+    out: Annotated[Path, typer.Option(help="Where to write the merged model.")],
+):
+    """Fuse one or several sparse (S2FT) adapters into a base model and save a plain Hugging Face model."""
+    from sparseft.export.sparse_adapters import apply_adapters, load_sparse_adapter
+    from sparseft.export.run import save_merged_dir
+    from sparseft.models import load_model, load_tokenizer
+
+    model = load_model(str(base), key="BASE")
+    tokenizer = load_tokenizer(str(base), key="BASE")
+    adapters = [load_sparse_adapter(a, model) for a in adapter]
+    apply_adapters(model, adapters)
+    save_merged_dir(model, tokenizer, out, {"form": "merged", "method": "s2ft", "base_model": str(base),
+                                            "adapters": [str(a) for a in adapter]})
+    console.print(f"merged model with {len(adapters)} adapter(s) → {out}", highlight=False)
+
+
 def main() -> None:
     app(prog_name="sparseft")
 

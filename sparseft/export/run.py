@@ -59,14 +59,23 @@ def export_merged(run_dir: str | Path, out: str | Path) -> Path:
     """Write a merged model that `AutoModelForCausalLM.from_pretrained` loads with no sparseft installed."""
     trained = load_run(run_dir)
     merged = trained.method.merged(trained.model)
+    files = {"sparseft_recipe.yaml": recipe_to_yaml(trained.recipe)}
+    return save_merged_dir(merged, trained.tokenizer, out, _describe(trained, "merged"), files)
+
+
+def save_merged_dir(model: nn.Module, tokenizer, out: str | Path, description: dict,
+                    files: dict[str, str] | None = None) -> Path:
+    """A plain Hugging Face directory (model, tokenizer, `sparseft_export.json`), written atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        merged.save_pretrained(tmp)
-        trained.tokenizer.save_pretrained(tmp)
-        (tmp / "sparseft_export.json").write_text(json.dumps(_describe(trained, "merged"), indent=2) + "\n")
-        (tmp / "sparseft_recipe.yaml").write_text(recipe_to_yaml(trained.recipe))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        desc = {"format_version": 1, "sparseft_version": sparseft.__version__, **description}
+        (tmp / "sparseft_export.json").write_text(json.dumps(desc, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

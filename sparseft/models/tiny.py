@@ -82,13 +82,15 @@ def tiny_config(arch: str = "llama", vocab_size: int = 512, hidden_size: int = 6
 
 
 def build_tiny_model(out_dir: str | Path, arch: str = "llama", corpus: list[str] | None = None, seed: int = 0,
-                     vocab_size: int = 512, **config_overrides) -> Path:
-    """Write a randomly initialised causal LM and its tokenizer to `out_dir` (a plain Hugging Face directory)."""
+                     vocab_size: int = 512, model_vocab_size: int | None = None, **config_overrides) -> Path:
+    """Write a randomly initialised causal LM and its tokenizer to `out_dir` (a plain Hugging Face directory).
+
+    `model_vocab_size` makes the embedding table larger than the tokenizer (benchmarks of realistic shapes)."""
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)
-    config = tiny_config(arch, vocab_size=len(tokenizer), **config_overrides)
+    config = tiny_config(arch, vocab_size=max(len(tokenizer), model_vocab_size or 0), **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     out.mkdir(parents=True, exist_ok=True)

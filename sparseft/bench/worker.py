@@ -1,0 +1,186 @@
+"""One benchmark entry in its own process: load the recipe's model, prepare one method, time training steps on a fixed
+random batch and read the process's peak resident memory over those steps. Prints one JSON line.
+
+    python -m sparseft.bench.worker RECIPE ENTRY --steps 5 --warmup 2 [--set key=value ...]
+
+ENTRY is a registered method name, or `floor`: the model fully frozen except one tiny weight in its first block, so a
+step is the forward plus input-gradient backprop through every block and nothing else — no method can beat it.
+`serve` measures S2FT adapter switching and mixed-adapter batches instead of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    """Start the peak-RSS high-water mark afresh (Linux), so loading the model does not count as a step's memory."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _batch(recipe, vocab: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (recipe.train.micro_batch_size, recipe.data.max_length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def _method_for(recipe, entry: str, overrides: dict):
+    from sparseft.methods import build_method
+    from sparseft.recipe import validate_recipe_data
+
+    data = recipe.model_dump(mode="json")
+    if entry not in ("floor", data["method"]["name"]):
+        data["method"] = {"name": entry}
+    data["method"].update(overrides)
+    if entry == "floor":
+        data["method"] = {"name": "full"}
+    recipe = validate_recipe_data(data, source=f"bench entry {entry}")
+    return recipe, build_method(recipe.method)
+
+
+def train_steps(recipe_path: str, entry: str, steps: int, warmup: int, method_overrides: dict) -> dict:
+    from sparseft.methods import MethodContext
+    from sparseft.models import arch_of, load_model
+    from sparseft.recipe import load_recipe
+    from sparseft.train.optim import Engine
+
+    recipe, method = _method_for(load_recipe(recipe_path), entry, method_overrides)
+    torch.manual_seed(recipe.train.seed)
+    model = load_model(recipe.model.path, recipe.model.dtype)
+    batch = _batch(recipe, model.config.vocab_size)
+    ctx = MethodContext(recipe=recipe, calibration_batches=lambda n: iter([batch] * n), log=lambda s: None)
+    model = method.prepare(model, method.select(model, ctx), ctx)
+    if entry == "floor":
+        model.requires_grad_(False)
+        tiny = arch_of(model).blocks(model)[0].input_layernorm.weight
+        tiny.requires_grad_(True)
+    model.train()
+    groups = method.optimizer_param_groups(model, recipe.train.weight_decay)
+    engine = Engine(model, groups, recipe.train)
+    trainable = sum(p.numel() for g in groups for p in g["params"])
+    rss_before = _rss_mb("VmRSS")
+    _reset_peak()
+    times = []
+    for i in range(warmup + steps):
+        tick = time.perf_counter()
+        method.on_step_start(i, model, engine.optimizer)
+        loss, _ = method.compute_loss(model, batch)
+        engine.backward(loss)
+        engine.step()
+        method.on_step_end(i, model, engine.optimizer)
+        if i >= warmup:
+            times.append(time.perf_counter() - tick)
+    return {
+        "entry": entry, "method": method.name if entry != "floor" else "floor", "trainable_params": trainable,
+        "step_s": times, "median_step_s": statistics.median(times), "loss": float(loss),
+        "peak_rss_mb": _rss_mb("VmHWM"), "rss_before_steps_mb": rss_before, "threads": torch.get_num_threads(),
+    }
+
+
+def serve(recipe_path: str, n_adapters: int, repeats: int) -> dict:
+    """Adapter switch time (fuse + unfuse) and one forward of a batch mixing n adapters vs one fused adapter."""
+    from sparseft.export.sparse_adapters import SparseAdapter, SparseDelta, fuse, mixed_adapters, unfuse
+    from sparseft.methods.s2ft.permute import expand
+    from sparseft.methods.s2ft.select import select_units
+    from sparseft.models import arch_of, load_model
+    from sparseft.models.arch import ATTN_ROLES, COL_ROLES
+    from sparseft.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    cfg = recipe.method
+    model = load_model(recipe.model.path, recipe.model.dtype).eval()
+    spec = arch_of(model)
+    adapters = []
+    for i in range(n_adapters):  # n adapters with different random selections and random deltas
+        sel = select_units(model, cfg.model_copy(update={"strategy": "random"}), seed=i)
+        modules = {}
+        for layer in range(spec.num_layers):
+            for role in sel["projections"]:
+                units = sel["heads" if role in ATTN_ROLES else "channels"][str(layer)]
+                if not units:
+                    continue
+                idx = expand(sorted(units), spec.unit_size(role))
+                w = spec.proj(model, layer, role).weight
+                shape = (w.shape[0], len(idx)) if role in COL_ROLES else (len(idx), w.shape[1])
+                modules[spec.proj_path(layer, role)] = SparseDelta(
+                    "cols" if role in COL_ROLES else "rows", idx, 1e-3 * torch.randn(shape, dtype=w.dtype))
+        adapters.append(SparseAdapter(f"random-{i}", {"method": "s2ft"}, modules))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (n_adapters, recipe.data.max_length), generator=g)
+
+    def timed(fn) -> float:
+        fn()  # warm-up
+        out = []
+        for _ in range(repeats):
+            tick = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - tick)
+        return statistics.median(out)
+
+    def switch():
+        fuse(model, adapters[0])
+        unfuse(model, adapters[0])
+
+    with torch.no_grad():
+        switch_s = timed(switch)
+        fuse(model, adapters[0])
+        single_s = timed(lambda: model(input_ids=ids))
+        unfuse(model, adapters[0])
+
+        def mixed():
+            with mixed_adapters(model, adapters, list(range(n_adapters))):
+                model(input_ids=ids)
+
+        mixed_s = timed(mixed)
+    return {"entry": "serve", "n_adapters": n_adapters, "adapter_params": adapters[0].num_parameters,
+            "switch_s": switch_s, "single_adapter_forward_s": single_s, "mixed_forward_s": mixed_s,
+            "mixed_over_single": mixed_s / single_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("recipe")
+    ap.add_argument("entry")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], help="method key=value (numbers parsed as JSON)")
+    ap.add_argument("--adapters", type=int, default=8)
+    args = ap.parse_args()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    if args.entry == "serve":
+        result = serve(args.recipe, args.adapters, repeats=max(args.steps, 3))
+    else:
+        result = train_steps(args.recipe, args.entry, args.steps, args.warmup, overrides)
+    print("BENCH " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
