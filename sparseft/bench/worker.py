@@ -89,7 +89,7 @@ def train_steps(recipe_path: str, entry: str, steps: int, warmup: int, method_ov
             times.append(time.perf_counter() - tick)
     return {
         "entry": entry, "method": method.name if entry != "floor" else "floor", "trainable_params": trainable,
-        "step_s": times, "median_step_s": statistics.median(times), "loss": float(loss),
+        "step_s": times, "median_step_s": statistics.median(times), "loss": float(loss.detach()),
         "peak_rss_mb": _rss_mb("VmHWM"), "rss_before_steps_mb": rss_before, "threads": torch.get_num_threads(),
     }
 

@@ -52,7 +52,10 @@ def _final_weights(run):
     return load_file(str(run / "final" / "trainable.safetensors"))
 
 
-@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "dropout": 0.1}])
+S2FT = {"name": "s2ft", "projections": ["v", "o", "up", "down"], "heads": {"count": 1}, "channels": {"ratio": 0.1}}
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "dropout": 0.1}, S2FT])
 def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, method):
     model = tiny_model_dir("llama")
     train = {"max_steps": 12, "save_every": 4, "keep_checkpoints": 3, "grad_accum_steps": 2,
@@ -78,7 +81,7 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, method):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}])
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}, S2FT])
 def test_export_merged_loads_in_plain_transformers(tmp_path, tiny_model_dir, arch, method):
     recipe = write_recipe(tmp_path, tiny_model_dir(arch), method, train={"max_steps": 3, "lr": 1e-2})
     cli("train", recipe)

@@ -1,0 +1,35 @@
+"""Every bundled recipe validates (no model is loaded), and `recipes ls` / `recipes cp` work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sparseft.cli import app
+from sparseft.recipe import load_recipe
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_bundled_recipe_validates(path):
+    recipe = load_recipe(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("#") and "sparseft" in path.read_text().split("\n\n")[0], \
+        "each recipe begins with a comment giving the command that runs it"
+    assert recipe.train.max_steps > 0
+
+
+def test_recipes_ls_and_cp(tmp_path):
+    result = runner.invoke(app, ["recipes", "ls"])
+    assert result.exit_code == 0 and "quickstart" in result.output and "s2ft" in result.output
+    result = runner.invoke(app, ["recipes", "cp", "s2ft", str(tmp_path)])
+    assert result.exit_code == 0
+    assert (tmp_path / "s2ft.yaml").read_text() == (RECIPES[0].parent / "s2ft.yaml").read_text()
+    again = runner.invoke(app, ["recipes", "cp", "s2ft", str(tmp_path)])
+    assert again.exit_code == 2 and "exists already" in again.output
+    unknown = runner.invoke(app, ["recipes", "cp", "nope", str(tmp_path)])
+    assert unknown.exit_code == 2 and "not bundled" in unknown.output
