@@ -63,7 +63,8 @@ def run_bench(recipe: Recipe, recipe_path: Path, entries: list[str], steps: int,
     for entry in order:
         sets = []
         if entry == "lora":
-            roles = [r for r in recipe.method.projections if r in ROLES] if recipe.method.name == "s2ft" else ["q", "v"]
+            # LoRA as users run it: every linear projection of the blocks, at the rank that matches S2FT's count.
+            roles = list(ROLES)
             target = results.get("s2ft", {}).get("trainable_params")
             rank = lora_rank_matching(recipe, target, roles) if target else 16
             modules = [spec_family_module(recipe, r) for r in roles]  # LoRA (PEFT) targets modules by name
