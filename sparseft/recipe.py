@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sparseft.errors import UserError
 from sparseft.methods import MethodConfig
@@ -81,12 +81,6 @@ class TrainSection(Section):
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept.")
 
-    @model_validator(mode="after")
-    def _warmup_fits(self):
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps} exceeds max_steps={self.max_steps}")
-        return self
-
 
 class DistributedSection(Section):
     config: str | dict[str, Any] | None = Field(
@@ -95,7 +89,10 @@ class DistributedSection(Section):
 
 
 class EvalSection(Section):
-    data: str | None = Field(None, description="Data file scored at the end of training (same form as data.format).")
+    data: str | None = Field(None, description="Data file whose perplexity is scored (in data.format) with the tasks.")
+    tasks: list[str] = Field(default_factory=list, description="Task YAML files (e.g. recipes/tasks/arith_em.yaml) "
+                             "scored after the last step, written to eval.json in the run directory.")
+    every: int | None = Field(None, gt=0, description="Also score the tasks every N steps (logged to metrics.jsonl).")
 
 
 class _RecipeBase(Section):

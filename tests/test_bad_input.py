@@ -44,7 +44,7 @@ RECIPE_CASES = [
     ("field of another method", lambda d: d["method"].update(r=8), [], ["method.r", "unknown key"]),
     ("wrong type", lambda d: d.update(method={"name": "lora", "r": "big"}), [], ["method.r", "integer"]),
     ("unknown data format", lambda d: d["data"].update(format="tsv"), [], ["data.format", "tsv"]),
-    ("warmup beyond steps", lambda d: d["train"].update(warmup_steps=100), [], ["train", "warmup_steps=100"]),
+    ("betas of one value", lambda d: d["train"].update(betas=[0.9]), [], ["train.betas"]),
     ("val fraction", lambda d: d["data"].update(val_fraction=1.5), [], ["data.val_fraction"]),
     ("micro batch", lambda d: d["train"].update(micro_batch_size=-2), [], ["train.micro_batch_size"]),
     ("bad override value", lambda d: None, ["train.max_steps=many"], ["train.max_steps", "many"]),

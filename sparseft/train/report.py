@@ -29,7 +29,7 @@ class Reporter:
             self.progress.start()
 
     def info(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)
 
     def log(self, record: dict, show: bool = True) -> None:
         self._file.write(json.dumps(record) + "\n")
