@@ -71,9 +71,11 @@ class Method:
 
     # --- during training -------------------------------------------------------------------------------------------
     def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss to backpropagate and any extra terms to log. Default: the model's own causal-LM loss."""
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-        return out.loss, {}
+        """The loss to backpropagate and any extra terms to log. Default: the mean next-token cross-entropy, computed
+        without materialising the full logits (sparseft/train/loss.py)."""
+        from sparseft.train.loss import causal_lm_loss
+
+        return causal_lm_loss(model, batch), {}
 
     def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""
@@ -93,6 +95,10 @@ class Method:
     def merged(self, model: nn.Module) -> nn.Module:
         """A plain transformers model in the base model's original layout, with the training folded in."""
         return model
+
+    def export_files(self, model: nn.Module) -> dict[str, str]:
+        """Extra text files written beside a merged model (file name -> content), e.g. a report. Default: none."""
+        return {}
 
     def save_adapter(self, model: nn.Module, out_dir: Path, base_model: str) -> dict:
         """Write the adapter tensors (and any method files) to `out_dir`; return the method's adapter_config fields."""
