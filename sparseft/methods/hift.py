@@ -1,0 +1,215 @@
+"""HiFT, hierarchical full-parameter fine-tuning: every weight trains, one group of units a step.
+
+Units, bottom to top: the embeddings, each transformer block, the final norm with the LM head (with tied embeddings the
+shared weight makes the embeddings and the head one unit, placed at the bottom). Consecutive units form groups of
+`group_size`; the groups take turns in a bottom-up, top-down or seeded random order, cycling until train.max_steps.
+
+One step trains one group:
+- Only its parameters require grad, so autograd computes no weight gradient for the others and keeps no activations
+  for them below the lowest active unit: nothing under it is in the graph, and the backward pass ends there.
+- torch optimizers skip parameters whose `.grad` is None, so an inactive parameter gets no update, no weight decay and no
+  momentum step. Its optimizer state (AdamW keeps a `step` per parameter, so bias correction counts the updates that
+  parameter has had) exists only once it has trained, and between its turns it is held here, in CPU memory when
+  `offload` is on, not by the optimizer on the compute device. On a CPU-only run moving it is free: no copy is made.
+- The learning-rate schedule is the trainer's, over optimizer steps: step k runs at lr * lr_factor(k) whichever group
+  is active, and warmup and decay end at train.max_steps. (HiFT's public code advanced its scheduler once a cycle but
+  sized it for every step, so its LR barely decayed.)
+- The group is set in on_step_start, before the step's micro-batches, so gradient accumulation sums every micro-batch
+  into the same group.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field
+
+from sparseft.errors import UserError
+from sparseft.methods.base import Method, MethodConfig, MethodContext, register
+from sparseft.models.arch import arch_of
+
+
+class HiFTConfig(MethodConfig):
+    name: Literal["hift"] = "hift"
+    group_size: int = Field(
+        1, gt=0,
+        description="Units a group (m in the HiFT paper). Units: the embeddings, each transformer block, and the final "
+                    "norm with the LM head (one unit with the embeddings when they are tied).",
+    )
+    order: Literal["bottom_up", "top_down", "random"] = Field(
+        "bottom_up",
+        description="Order the groups train in, one a step, cycling: bottom_up (embeddings first), top_down (LM head "
+                    "first) or random (seeded).",
+    )
+    reshuffle: bool = Field(True, description="random order: a new permutation every cycle (true) or one for the run.")
+    seed: int | None = Field(None, description="Seed of the random order; null uses train.seed.")
+    offload: bool = Field(True, description="Hold the optimizer state of inactive groups in CPU memory "
+                                            "(a no-op when training on CPU).")
+
+
+def build_units(model: nn.Module) -> list[dict]:
+    """[{name, params}] from bottom to top; every parameter (tied ones once) in exactly one unit."""
+    spec = arch_of(model)
+    fam = spec.family
+    names = [n for n, _ in model.named_parameters()]  # a tied weight is listed once, under the embeddings
+
+    def under(prefix: str) -> list[str]:
+        return [n for n in names if n == prefix or n.startswith(prefix + ".")]
+
+    units = [{"name": "embed", "params": under(fam.embed)}]
+    units += [{"name": f"layers.{i}", "params": under(f"{fam.blocks}.{i}")} for i in range(spec.num_layers)]
+    head = under(fam.final_norm) + under(fam.lm_head)
+    if model.get_submodule(fam.lm_head).weight is model.get_submodule(fam.embed).weight:
+        units[0] = {"name": "embed+head", "params": units[0]["params"] + head}
+    else:
+        units.append({"name": "head", "params": head})
+    placed = {n for u in units for n in u["params"]}
+    # Anything the table does not name (none in the known families) trains with the head.
+    top = units[0] if units[0]["name"] == "embed+head" else units[-1]
+    top["params"] += [n for n in names if n not in placed]
+    return units
+
+
+def group_units(n_units: int, group_size: int) -> list[list[int]]:
+    """Consecutive units, bottom up, `group_size` a group (the top group may be smaller)."""
+    return [list(range(i, min(i + group_size, n_units))) for i in range(0, n_units, group_size)]
+
+
+@register
+class HiFT(Method):
+    config_cls = HiFTConfig
+    cfg: HiFTConfig
+
+    def __init__(self, cfg: HiFTConfig):
+        super().__init__(cfg)
+        self._groups: list[list[tuple[str, nn.Parameter]]] = []
+        self._name_of: dict[int, str] = {}  # id(param) -> name
+        self._seed = 0
+        self._max_steps: int | None = None
+        self._orders: dict[int, list[int]] = {}  # cycle -> order of group indices
+        self._parked: dict[str, dict] = {}  # name -> optimizer state of a parameter whose group is inactive
+        self._active: int | None = None
+        self._next_step = 0
+
+    # --- before training -------------------------------------------------------------------------------------------
+    def select(self, model: nn.Module, ctx: MethodContext) -> dict:
+        recipe = ctx.recipe
+        if recipe is not None and recipe.distributed is not None and recipe.distributed.config is not None:
+            raise UserError("method.name=hift: runs in a single process; unset distributed.config (DeepSpeed ZeRO "
+                            "fixes the set of trainable parameters at start, HiFT changes it every step)")
+        seed = self.cfg.seed if self.cfg.seed is not None else (recipe.train.seed if recipe is not None else 0)
+        units = build_units(model)
+        return {"units": units, "groups": group_units(len(units), self.cfg.group_size), "seed": seed}
+
+    def prepare(self, model: nn.Module, selection: dict, ctx: MethodContext) -> nn.Module:
+        """Freeze every weight; on_step_start unfreezes the group of each step."""
+        params = dict(model.named_parameters())
+        units = selection["units"]
+        listed = [n for u in units for n in u["params"]]
+        if sorted(listed) != sorted(params):
+            raise UserError("hift: the run's selection.json does not list the model's parameters once each "
+                            "(was model.path changed?)")
+        model.requires_grad_(False)
+        self._groups = [[(n, params[n]) for u in group for n in units[u]["params"]] for group in selection["groups"]]
+        self._name_of = {id(p): n for n, p in params.items()}
+        self._seed = int(selection["seed"])
+        self._max_steps = ctx.recipe.train.max_steps if ctx.recipe is not None else None
+        sizes = [sum(p.numel() for _, p in g) for g in self._groups]
+        layout = ", ".join("+".join(units[u]["name"] for u in g) for g in selection["groups"])
+        ctx.log(f"hift: {len(units)} units in {len(self._groups)} groups ({layout}); order {self.cfg.order}; "
+                f"{min(sizes):,} to {max(sizes):,} parameters train a step")
+        return model
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Every weight trains (one group a step), so all of them are the optimizer's and every checkpoint's."""
+        return dict(model.named_parameters())
+
+    # --- the order -------------------------------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return len(self._groups)
+
+    def cycle_order(self, cycle: int) -> list[int]:
+        """Group indices in the order cycle `cycle` trains them (groups are numbered bottom up)."""
+        if cycle not in self._orders:
+            k = self.num_groups
+            if self.cfg.order == "bottom_up":
+                order = list(range(k))
+            elif self.cfg.order == "top_down":
+                order = list(range(k - 1, -1, -1))
+            else:
+                # Its own generator, seeded by (seed, cycle): the global RNG (data order, dropout) is not disturbed,
+                # and any cycle's order can be recomputed on resume.
+                order = list(range(k))
+                random.Random(f"hift:{self._seed}:{cycle if self.cfg.reshuffle else 0}").shuffle(order)
+            self._orders[cycle] = order
+        return self._orders[cycle]
+
+    def group_at(self, step: int) -> int:
+        cycle, position = divmod(step, self.num_groups)
+        return self.cycle_order(cycle)[position]
+
+    def group_names(self, g: int) -> list[str]:
+        """Names of the parameters of group `g`."""
+        return [n for n, _ in self._groups[g]]
+
+    # --- during training -------------------------------------------------------------------------------------------
+    def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        g = self.group_at(step)
+        for i, group in enumerate(self._groups):
+            for _, p in group:
+                p.requires_grad_(i == g)
+                if i != g:
+                    p.grad = None  # a kept gradient would make the optimizer update (decay, momentum) a frozen weight
+        self._swap_state(optimizer, g)
+        self._active = g
+
+    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        self._next_step = step + 1
+        return {"group": self._active}
+
+    def _swap_state(self, optimizer: torch.optim.Optimizer, g: int) -> None:
+        """Park the optimizer state of every inactive parameter, then hand the active group's parked state back
+        (parking first, so the compute device never holds both)."""
+        active = {id(p) for _, p in self._groups[g]}
+        for p in [p for p in optimizer.state if id(p) not in active and id(p) in self._name_of]:
+            state = optimizer.state.pop(p)
+            if state:
+                self._parked[self._name_of[id(p)]] = {k: self._move(k, v, self._park_tensor, p)
+                                                      for k, v in state.items()}
+        for name, p in self._groups[g]:
+            if name in self._parked:
+                state = self._parked.pop(name)
+                optimizer.state[p] = {k: self._move(k, v, self._fetch_tensor, p) for k, v in state.items()}
+
+    @staticmethod
+    def _move(key: str, value, fn, param: nn.Parameter):
+        # `step` stays where the optimizer keeps it (a CPU scalar, unless the optimizer is fused or capturable).
+        return fn(value, param) if isinstance(value, torch.Tensor) and key != "step" else value
+
+    def _park_tensor(self, t: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        """Where an inactive group's state waits: CPU memory (no copy when it is there already)."""
+        return t.to("cpu") if self.cfg.offload else t
+
+    def _fetch_tensor(self, t: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
+        return t.to(param.device)
+
+    def state_dict(self) -> dict:
+        """The cycle position and its order, and the parked optimizer state of the inactive groups (the active
+        group's is in the optimizer's own state). Once the last step is done the parked state is left out: nothing
+        resumes from the final state, and it would copy the whole optimizer state into it."""
+        cycle, position = divmod(self._next_step, max(1, self.num_groups))
+        state = {"next_step": self._next_step, "cycle": cycle, "position": position,
+                 "order": list(self.cycle_order(cycle)) if self._groups else []}
+        if self._max_steps is None or self._next_step < self._max_steps:
+            state["optimizer_state"] = self._parked
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._next_step = int(state["next_step"])
+        if state["order"]:
+            self._orders[int(state["cycle"])] = [int(i) for i in state["order"]]
+        self._parked = dict(state.get("optimizer_state", {}))

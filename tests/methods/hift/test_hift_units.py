@@ -1,0 +1,96 @@
+"""HiFT's units, groups and orders, and its recipe section."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparseft.errors import UserError
+from sparseft.methods import MethodContext, build_method
+from sparseft.methods.hift import build_units, group_units
+from sparseft.recipe import load_recipe, validate_recipe_data
+from tests.methods.hift.hift_testlib import prepared, recipe
+
+
+def test_units_cover_every_parameter_once(load):
+    model = load("qwen3")
+    units = build_units(model)
+    assert [u["name"] for u in units] == ["embed", "layers.0", "layers.1", "head"]
+    listed = [n for u in units for n in u["params"]]
+    assert sorted(listed) == sorted(n for n, _ in model.named_parameters())
+    assert units[0]["params"] == ["model.embed_tokens.weight"]
+    assert units[-1]["params"] == ["model.norm.weight", "lm_head.weight"]
+    assert all(n.startswith("model.layers.1.") for n in units[2]["params"])
+    json.dumps(units)  # the selection is saved as JSON
+
+
+def test_tied_embeddings_and_head_are_one_unit(load):
+    model = load("llama", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    units = build_units(model)
+    assert [u["name"] for u in units] == ["embed+head", "layers.0", "layers.1"]
+    assert units[0]["params"] == ["model.embed_tokens.weight", "model.norm.weight"]
+    listed = [n for u in units for n in u["params"]]
+    assert sorted(listed) == sorted(n for n, _ in model.named_parameters())
+
+
+def test_groups_are_consecutive_units():
+    assert group_units(4, 1) == [[0], [1], [2], [3]]
+    assert group_units(6, 2) == [[0, 1], [2, 3], [4, 5]]
+    assert group_units(4, 3) == [[0, 1, 2], [3]]
+    assert group_units(4, 9) == [[0, 1, 2, 3]]
+
+
+def _sequence(method, steps: int) -> list[int]:
+    return [method.group_at(s) for s in range(steps)]
+
+
+def test_order_follows_the_strategy(load):
+    model = load("llama")  # 4 units: embed, layers.0, layers.1, head
+    up, _, _ = prepared(model, {"name": "hift", "order": "bottom_up"})
+    assert up.num_groups == 4 and _sequence(up, 10) == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert up.group_names(0) == ["model.embed_tokens.weight"]
+    down, _, _ = prepared(model, {"name": "hift", "order": "top_down", "group_size": 2})
+    assert _sequence(down, 5) == [1, 0, 1, 0, 1]
+    assert down.group_names(1) == [n for n, _ in model.named_parameters()
+                                   if n.startswith(("model.layers.1.", "model.norm", "lm_head"))]
+
+    def random_order(seed, reshuffle=True):
+        m, _, _ = prepared(model, {"name": "hift", "order": "random", "reshuffle": reshuffle}, seed=seed)
+        seq = _sequence(m, 40)
+        return [seq[i:i + 4] for i in range(0, 40, 4)]
+
+    cycles = random_order(0)
+    assert all(sorted(c) == [0, 1, 2, 3] for c in cycles)  # every cycle trains every group once
+    assert len({tuple(c) for c in cycles}) > 1  # reshuffled each cycle
+    assert random_order(0) == cycles  # seeded
+    assert random_order(1) != cycles
+    fixed = random_order(0, reshuffle=False)
+    assert len({tuple(c) for c in fixed}) == 1 and sorted(fixed[0]) == [0, 1, 2, 3]
+    # method.seed overrides train.seed
+    m, _, _ = prepared(model, {"name": "hift", "order": "random", "seed": 1}, seed=0)
+    assert [m.group_at(s) for s in range(8)] == [g for c in random_order(1)[:2] for g in c]
+
+
+def test_prepare_freezes_everything_and_lists_every_weight_as_trainable(load):
+    model = load("llama")
+    method, model, _ = prepared(model, {"name": "hift"})
+    assert not any(p.requires_grad for p in model.parameters())
+    assert list(method.trainable_parameters(model)) == [n for n, _ in model.named_parameters()]
+
+
+def test_recipe_section():
+    r = load_recipe("recipes/hift.yaml")
+    assert r.method.name == "hift" and r.model.path == "demo/tiny-llama"
+    with pytest.raises(UserError) as e:
+        recipe({"name": "hift", "group_size": 0, "order": "sideways"})
+    text = str(e.value)
+    assert "method.group_size" in text and "method.order" in text
+
+
+def test_deepspeed_is_refused(load):
+    r = validate_recipe_data(recipe().model_dump() | {"distributed": {"config": "configs/zero2.json"}})
+    method = build_method(r.method)
+    with pytest.raises(UserError, match="distributed.config"):
+        method.select(load("llama"), MethodContext(recipe=r, log=lambda s: None))
