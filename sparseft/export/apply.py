@@ -39,6 +39,11 @@ def adapter_applied(model, path: str | Path):
             yield model
         finally:
             unfuse(model, adapter)
+    elif method == "lamda":
+        from sparseft.methods.lamda.adapter import lamda_applied
+
+        with lamda_applied(model, path) as adapted:
+            yield adapted
     else:
         raise UserError(f"adapter {path}: method {method!r} cannot be applied to a base model here "
                         "(export it with --merged instead)")

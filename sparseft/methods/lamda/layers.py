@@ -1,0 +1,131 @@
+"""The LaMDA layer: a frozen linear plus the path scale * (B S - B0 S0) A, with B's directions freezable one by one."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NAMES = ("lamda_A", "lamda_S", "lamda_B", "lamda_start")  # tensor names in the layer, checkpoints and adapters
+
+
+class LamdaLinear(nn.Module):
+    """Wraps an `nn.Linear`: y = W x + scale * (B S - B0 S0) A x.
+
+    `lamda_A` (r, d_in, PMA) is a buffer: it never trains. `lamda_S` (r, r) and `lamda_B` (d_out, r, PMB) are the
+    parameters. `lamda_start` (d_out, r) = B0 S0 is the frozen start subtracted for init "spectrum" (None for "zero",
+    where S0 = 0). Column j of B is direction j (singular value j, descending). `freeze_directions` freezes columns for
+    good: the forward cuts them from the graph (their gradient is exactly zero), their optimizer moments are zeroed,
+    and `restore_frozen`, after each optimizer step, writes their frozen values back and zeroes their moments again,
+    undoing weight decay and whatever an optimizer did with them. Once every column is frozen, B stops requiring grad
+    and its optimizer state is deleted.
+    """
+
+    def __init__(self, base_layer: nn.Linear, lamda_A: torch.Tensor, lamda_S: torch.Tensor, lamda_B: torch.Tensor,
+                 scale: float, lamda_start: torch.Tensor | None = None):
+        super().__init__()
+        rank = lamda_A.shape[0]
+        d_out, d_in = base_layer.weight.shape
+        if lamda_A.shape != (rank, d_in) or lamda_S.shape != (rank, rank) or lamda_B.shape != (d_out, rank) or (
+                lamda_start is not None and lamda_start.shape != (d_out, rank)):
+            raise ValueError(f"LaMDA tensors A {tuple(lamda_A.shape)}, S {tuple(lamda_S.shape)}, B "
+                             f"{tuple(lamda_B.shape)} do not fit rank {rank} on {base_layer}")
+        base_layer.requires_grad_(False)
+        self.base_layer = base_layer
+        self.scale, self.rank = float(scale), rank
+        w = base_layer.weight
+        self.register_buffer("lamda_A", lamda_A.detach().to(w.device, w.dtype).clone())
+        self.lamda_S = nn.Parameter(lamda_S.detach().to(w.device, w.dtype).clone())
+        self.lamda_B = nn.Parameter(lamda_B.detach().to(w.device, w.dtype).clone())
+        start = None if lamda_start is None else lamda_start.detach().to(w.device, w.dtype).clone()
+        self.register_buffer("lamda_start", start)
+        # Freezing state, rebuilt from the step on resume (see LaMDA.on_step_start), so not saved.
+        self.register_buffer("frozen", torch.zeros(rank, dtype=torch.bool, device=w.device), persistent=False)
+        self.register_buffer("b_frozen", torch.zeros_like(self.lamda_B.detach()), persistent=False)
+
+    # Read-only views of the base layer, for code that inspects a linear's attributes.
+    weight = property(lambda self: self.base_layer.weight)
+    bias = property(lambda self: self.base_layer.bias)
+    in_features = property(lambda self: self.base_layer.in_features)
+    out_features = property(lambda self: self.base_layer.out_features)
+
+    def up(self) -> torch.Tensor:
+        """B S - B0 S0 (d_out, r); frozen columns of B enter as constants, so they get no gradient."""
+        b = self.lamda_B
+        if b.requires_grad and bool(self.frozen.any()):
+            b = torch.where(self.frozen, b.detach(), b)
+        m = b @ self.lamda_S
+        return m if self.lamda_start is None else m - self.lamda_start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.lamda_A)  # (..., r): A is frozen, so only this small projection is kept for backward
+        return self.base_layer(x) + self.scale * F.linear(h, self.up())
+
+    def trainable_count(self) -> int:
+        """Parameters that receive updates now: S always, B's unfrozen columns while B trains."""
+        n = self.lamda_S.numel()
+        if self.lamda_B.requires_grad:
+            n += self.lamda_B.shape[0] * int((~self.frozen).sum())
+        return n
+
+    @torch.no_grad()
+    def freeze_directions(self, cols: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+        """Freeze B's columns where `cols` (bool, (r,)) is True, on top of those frozen already."""
+        b = self.lamda_B
+        new = cols.to(self.frozen.device) & ~self.frozen
+        if bool(new.any()):
+            self.b_frozen[:, new] = b[:, new]
+            self.frozen |= new
+            self._zero_moments(optimizer, new)
+        if bool(self.frozen.all()) and b.requires_grad:
+            b.requires_grad_(False)
+            b.grad = None
+            if optimizer is not None:
+                optimizer.state.pop(b, None)
+
+    @torch.no_grad()
+    def restore_frozen(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """After an optimizer step: write the frozen columns' values back and zero their moments again (an L2 weight
+        decay, as SGD applies it, feeds the momentum even where the gradient is zero), so nothing can move them."""
+        if self.lamda_B.requires_grad and bool(self.frozen.any()):
+            self.lamda_B[:, self.frozen] = self.b_frozen[:, self.frozen]
+            self._zero_moments(optimizer, self.frozen)
+
+    def _zero_moments(self, optimizer: torch.optim.Optimizer | None, cols: torch.Tensor) -> None:
+        state = optimizer.state.get(self.lamda_B, {}) if optimizer is not None else {}
+        for value in state.values():  # AdamW exp_avg / exp_avg_sq, SGD momentum_buffer
+            if torch.is_tensor(value) and value.shape == self.lamda_B.shape:
+                value[:, cols] = 0
+
+    def adapter_tensors(self) -> dict[str, torch.Tensor]:
+        out = {"lamda_A": self.lamda_A, "lamda_S": self.lamda_S, "lamda_B": self.lamda_B}
+        if self.lamda_start is not None:
+            out["lamda_start"] = self.lamda_start
+        return {k: v.detach() for k, v in out.items()}
+
+    @torch.no_grad()
+    def unwrap(self) -> nn.Linear:
+        """The base layer with the adapter merged into its weight (in place); it stays frozen."""
+        w = self.base_layer.weight
+        w.copy_(merged_weight(w, self.scale, **self.adapter_tensors()))
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale}, B frozen {int(self.frozen.sum())}/{self.rank}"
+
+
+@torch.no_grad()
+def lamda_delta(scale: float, lamda_A: torch.Tensor, lamda_S: torch.Tensor, lamda_B: torch.Tensor,
+                lamda_start: torch.Tensor | None = None) -> torch.Tensor:
+    """scale * (B S - B0 S0) A as a float32 (d_out, d_in) matrix: what the adapter adds to the base weight."""
+    m = lamda_B.float() @ lamda_S.float()
+    if lamda_start is not None:
+        m = m - lamda_start.float()
+    return scale * (m @ lamda_A.float())
+
+
+@torch.no_grad()
+def merged_weight(weight: torch.Tensor, scale: float, **tensors: torch.Tensor) -> torch.Tensor:
+    """A new weight, base + adapter, in the base weight's dtype. Exporting and applying an adapter both use this, so
+    a merged model and an adapter applied to the untouched base agree bit for bit."""
+    return (weight.detach().float() + lamda_delta(scale, **tensors).to(weight.device)).to(weight.dtype)

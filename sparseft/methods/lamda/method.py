@@ -1,0 +1,251 @@
+"""LaMDA and LaMDA++: SVD-initialised adapters y = W x + scale * B S A x with A frozen, S trained and B frozen gradually.
+
+`select` fixes each linear's rank (uniform, or LaMDA++'s spectrum rule) and computes the SVD start once; in a run it
+is saved beside selection.json (`lamda_init.safetensors`), so resume and export rebuild exactly the same A whatever
+SVD another machine would compute. `prepare` wraps the linears. The freezing of B is a pure function of the step, so a
+resumed run rebuilds it from the step and its checkpointed B.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from sparseft.errors import UserError
+from sparseft.export.adapter_files import write_adapter
+from sparseft.methods.base import Method, MethodContext, register
+from sparseft.methods.lamda.config import LamdaConfig
+from sparseft.methods.lamda.layers import NAMES, LamdaLinear
+from sparseft.methods.lamda.spectrum import allocate_ranks, effective_rank, singular_values, svd_start
+from sparseft.models.arch import ArchSpec, arch_of
+
+INIT_FILE = "lamda_init.safetensors"
+_STATE = "_lamda_state"  # attribute on a prepared model, for whichever Method instance exports it
+
+
+@dataclass
+class _Prepared:
+    paths: list[str]
+    start_step: int  # B's directions start freezing at this optimizer step
+    end_step: int  # B is wholly frozen from this step
+
+
+def frozen_count(step: int, rank: int, start_step: int, end_step: int) -> int:
+    """Directions of a rank-`rank` B frozen during optimizer step `step` (0-based): none before start_step, all from
+    end_step, and in between floor(rank * (step - start_step) / (end_step - start_step)), one direction at a time."""
+    if step >= end_step:
+        return rank
+    if step < start_step:
+        return 0
+    return rank * (step - start_step) // (end_step - start_step)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
+
+
+@register
+class Lamda(Method):
+    config_cls = LamdaConfig
+    has_adapter = True
+    cfg: LamdaConfig
+    # Freezing B's columns exactly needs the optimizer to hold B itself (its moments and its values); ZeRO 1-3 move both
+    # into flat partitions. Stage 0 (data parallelism) keeps them, and skips parameters that no longer require grad.
+    zero_stages = (0,)
+
+    def __init__(self, cfg: LamdaConfig):
+        super().__init__(cfg)
+        self._start: tuple[int, dict[str, torch.Tensor]] | None = None  # (id of model, SVD start) from select
+
+    # --- before training -------------------------------------------------------------------------------------------
+    def _linears(self, model: nn.Module, spec: ArchSpec) -> dict[str, nn.Linear]:
+        return {spec.proj_path(layer, role): spec.proj(model, layer, role)
+                for layer in range(spec.num_layers) for role in self.cfg.projections}
+
+    def select(self, model: nn.Module, ctx: MethodContext) -> dict:
+        """Each adapted linear's rank, and the SVD start (kept for prepare; written to the run directory)."""
+        cfg, spec = self.cfg, arch_of(model)
+        linears = self._linears(model, spec)
+        caps = {p: min(m.weight.shape) for p, m in linears.items()}
+        selection: dict = {"projections": list(cfg.projections), "rank_allocation": cfg.rank_allocation,
+                           "init": cfg.init}
+        if cfg.rank_allocation == "uniform":
+            small = {p: c for p, c in caps.items() if c < cfg.r}
+            if small:
+                p, c = next(iter(small.items()))
+                raise UserError(f"method.r={cfg.r}: larger than {p}'s largest possible rank {c} "
+                                f"(min of its weight's shape); lower r or drop that projection")
+            ranks = {p: cfg.r for p in linears}
+        else:
+            budget = cfg.rank_budget or cfg.r * len(linears)
+            key = "method.rank_budget" if cfg.rank_budget else "method.r"
+            value = cfg.rank_budget or cfg.r
+            if not len(linears) <= budget <= sum(caps.values()):
+                raise UserError(f"{key}={value}: a total rank of {budget} over {len(linears)} linears must be between "
+                                f"{len(linears)} (rank 1 each) and {sum(caps.values())} (each at full rank)")
+            erank = {p: effective_rank(singular_values(m.weight)) for p, m in linears.items()}
+            ranks = dict(zip(linears, allocate_ranks(list(erank.values()), budget, list(caps.values()))))
+            selection.update(budget=budget, effective_rank={p: round(e, 3) for p, e in erank.items()})
+        selection["ranks"] = ranks
+        start = {}
+        for p, m in linears.items():
+            for name, t in svd_start(m.weight, ranks[p], cfg.init, cfg.scale).items():
+                start[f"{p}.{name}"] = t
+        self._start = (id(model), start)
+        if ctx.run_dir is not None:
+            _save_atomic(start, Path(ctx.run_dir) / INIT_FILE)
+        ctx.log(summary(selection, spec, cfg.scale))
+        return selection
+
+    def prepare(self, model: nn.Module, selection: dict, ctx: MethodContext) -> nn.Module:
+        """Freeze the model and wrap every selected linear in a LamdaLinear started from the SVD."""
+        if getattr(model, _STATE, None) is not None:
+            raise ValueError("lamda: this model is already prepared")
+        spec = arch_of(model)
+        linears = self._linears(model, spec)
+        ranks = selection.get("ranks", {})
+        if set(ranks) != set(linears) or selection.get("init") != self.cfg.init:
+            raise UserError("lamda: the selection (selection.json) does not match the recipe's projections / init; "
+                            "was the recipe changed after the run started?")
+        start = self._start_for(model, linears, ranks, ctx)
+        model.requires_grad_(False)
+        for p, m in linears.items():
+            tensors = {n: start[f"{p}.{n}"] for n in NAMES if f"{p}.{n}" in start}
+            _set_module(model, p, LamdaLinear(m, scale=self.cfg.scale, **tensors))
+        steps = ctx.recipe.train.max_steps
+        fb = self.cfg.freeze_b
+        setattr(model, _STATE, _Prepared(list(linears), round(fb.start * steps), round(fb.end * steps)))
+        return model
+
+    def _start_for(self, model, linears: dict[str, nn.Linear], ranks: dict[str, int], ctx) -> dict[str, torch.Tensor]:
+        """The SVD start: from select on this model, else the run's saved file, else computed afresh."""
+        if self._start is not None and self._start[0] == id(model):
+            start, self._start = self._start[1], None
+            return start
+        path = Path(ctx.run_dir) / INIT_FILE if ctx.run_dir is not None else None
+        if path is not None and path.is_file():
+            from safetensors.torch import load_file
+
+            start = load_file(str(path))
+            for p, m in linears.items():
+                d_out, d_in = m.weight.shape
+                a = start.get(f"{p}.lamda_A")
+                if a is None or tuple(a.shape) != (ranks[p], d_in):
+                    raise UserError(f"{path}: {p}.lamda_A is missing or not ({ranks[p]}, {d_in}); the file does not "
+                                    "belong to this run's selection")
+            return start
+        if path is not None:
+            ctx.log(f"lamda: {path} is missing; recomputing the SVD start (identical only on the same machine)")
+        return {f"{p}.{n}": t for p, m in linears.items()
+                for n, t in svd_start(m.weight, ranks[p], self.cfg.init, self.cfg.scale).items()}
+
+    def _state(self, model: nn.Module) -> _Prepared:
+        state = getattr(model, _STATE, None)
+        if state is None:
+            raise ValueError("lamda: the model was not prepared by LaMDA (or was already merged)")
+        return state
+
+    def _layers(self, model: nn.Module) -> list[tuple[str, LamdaLinear]]:
+        return [(p, model.get_submodule(p)) for p in self._state(model).paths]
+
+    def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """S and B of every layer, B included after it freezes (checkpoints keep it, so a resumed run has it)."""
+        return {f"{p}.{n}": getattr(layer, n) for p, layer in self._layers(model) for n in ("lamda_S", "lamda_B")}
+
+    # --- during training -------------------------------------------------------------------------------------------
+    def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Freeze the directions of B the schedule freezes by this step (idempotent, so resume rebuilds it)."""
+        state = self._state(model)
+        layers = self._layers(model)
+        _check_optimizer_holds(optimizer, layers)
+        for _, layer in layers:
+            n = frozen_count(step, layer.rank, state.start_step, state.end_step)
+            cols = torch.zeros(layer.rank, dtype=torch.bool)
+            if self.cfg.freeze_b.order == "largest":
+                cols[:n] = True
+            else:
+                cols[layer.rank - n:] = True
+            layer.freeze_directions(cols, optimizer)
+
+    def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """Undo whatever the optimizer step did to frozen directions; log how many parameters trained in this step."""
+        total = 0
+        for _, layer in self._layers(model):
+            layer.restore_frozen(optimizer)
+            total += layer.trainable_count()
+        return {"trainable_params": total}
+
+    # --- after training --------------------------------------------------------------------------------------------
+    def merged(self, model: nn.Module) -> nn.Module:
+        """Fold every adapter into its base weight (W + scale (B S - B0 S0) A) and drop the wrappers, in place."""
+        for p, layer in self._layers(model):
+            _set_module(model, p, layer.unwrap())
+        delattr(model, _STATE)
+        return model
+
+    def save_adapter(self, model: nn.Module, out_dir: Path, base_model: str) -> dict:
+        tensors, ranks = {}, {}
+        for p, layer in self._layers(model):
+            ranks[p] = layer.rank
+            tensors.update({f"{p}.{n}": t for n, t in layer.adapter_tensors().items()})
+        fields = {
+            "method": "lamda",
+            "base_model": base_model,
+            "projections": list(self.cfg.projections),
+            "rank_allocation": self.cfg.rank_allocation,
+            "init": self.cfg.init,
+            "scale": self.cfg.scale,
+            "ranks": ranks,
+            "num_parameters": sum(t.numel() for n, t in tensors.items() if n.endswith((".lamda_S", ".lamda_B"))),
+        }
+        write_adapter(out_dir, tensors, fields)
+        return fields
+
+
+def _check_optimizer_holds(optimizer: torch.optim.Optimizer | None, layers: list[tuple[str, LamdaLinear]]) -> None:
+    """Freezing acts on B's own optimizer state: refuse an optimizer that keeps B elsewhere (flattened, partitioned)."""
+    if optimizer is None:
+        return
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    missing = [p for p, layer in layers if id(layer.lamda_B) not in held]
+    if missing:
+        raise UserError(f"lamda: the optimizer does not hold {missing[0]}.lamda_B itself (ZeRO partitions or a "
+                        "flattened copy?), so B cannot be frozen exactly; train LaMDA in one process or at ZeRO stage 0")
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def summary(selection: dict, spec: ArchSpec, scale: float) -> str:
+    """What select chose, for the run log: a rank per layer and projection."""
+    roles, ranks = selection["projections"], selection["ranks"]
+    if selection["rank_allocation"] == "uniform":
+        r = next(iter(ranks.values()))
+        head = f"lamda: rank {r} on {', '.join(roles)} of {spec.num_layers} layers"
+    else:
+        head = (f"lamda++: ranks from each weight's effective rank exp(H(sigma^2 / sum sigma^2)), total "
+                f"{selection['budget']} over {len(ranks)} linears")
+    head += f"; init {selection['init']}, scale {scale:g}"
+    if selection["rank_allocation"] == "uniform":
+        return head
+    lines = [head, "  layer " + "".join(f"{r:>6}" for r in roles)]
+    for layer in range(spec.num_layers):
+        lines.append(f"  {layer:<5} " + "".join(f"{ranks[spec.proj_path(layer, r)]:>6}" for r in roles))
+    return "\n".join(lines)
