@@ -22,9 +22,9 @@ demo: install
 	$(BIN)/python scripts/make_tiny_model.py --out demo/tiny-llama --corpus recipes/data/arith_train.jsonl
 	$(BIN)/sparseft train recipes/quickstart.yaml --overwrite
 	$(BIN)/sparseft export runs/quickstart --merged demo/quickstart-merged
-	$(BIN)/sparseft eval demo/tiny-llama --data recipes/data/arith_val.jsonl --form completion --json demo/eval-base.json
-	$(BIN)/sparseft eval demo/quickstart-merged --data recipes/data/arith_val.jsonl --form completion \
-		--json demo/eval-tuned.json --fail-over perplexity=2.5
+	$(BIN)/sparseft eval demo/quickstart-merged --baseline demo/tiny-llama --task recipes/tasks/arith_ppl.yaml \
+		--task recipes/tasks/arith_em.yaml --task recipes/tasks/arith_choice.yaml --json demo/eval.json \
+		--fail-over arith_ppl.perplexity=2.5 --fail-under arith_em.exact_match=0.4
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sparseft.errors import UserError
@@ -50,7 +51,7 @@ def user_errors(fn):
             _quiet_libraries()
             return fn(*args, **kwargs)
         except UserError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2)
 
     return wrapper
@@ -63,13 +64,28 @@ def train(
     overrides: Overrides = None,
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in train.output_dir.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace a finished or stopped run in train.output_dir.")] = False,
+    nproc: Annotated[Optional[int], typer.Option(help="Ranks on this machine (per machine with --hostfile), run "
+                                                      "through DeepSpeed with the recipe's `distributed` config.",
+                                                 show_default=False)] = None,
+    hostfile: Annotated[Optional[Path], typer.Option(help="DeepSpeed hostfile (`host slots=N` lines) to run on "
+                                                          "several machines.", show_default=False)] = None,
+    master_port: Annotated[Optional[int], typer.Option(help="Rendezvous port of rank 0 (default: a free port; "
+                                                            "29500 with --hostfile).", show_default=False)] = None,
 ):
-    """Train a recipe: `sparseft train recipes/quickstart.yaml train.max_steps=50`."""
+    """Train a recipe: `sparseft train recipes/quickstart.yaml train.max_steps=50`; `--nproc 4` on 4 ranks."""
     from sparseft.recipe import load_recipe
+    from sparseft.train.distributed import env_rank, launched
+
+    if (nproc is not None or hostfile is not None) and not launched():
+        from sparseft.train.launch import launch_train
+
+        raise typer.Exit(launch_train(recipe, overrides or [], nproc, hostfile, master_port, resume, overwrite))
     from sparseft.train.loop import train as run_training
 
     r = load_recipe(recipe, overrides or [])
     result = run_training(r, resume=resume, overwrite=overwrite, reporter_console=console)
+    if env_rank() != 0:
+        return
     console.print(
         f"[bold green]done[/] {result.steps} steps in {result.seconds:.1f}s · loss {result.first_loss:.4f} → "
         f"{result.last_loss:.4f}" + (f" · validation loss {result.val_loss:.4f}" if result.val_loss is not None else "")
@@ -154,35 +170,97 @@ def export(
 @user_errors
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="A base model, a run directory or a merged model.")],
-    data: Annotated[Path, typer.Option(help="Data file to score (jsonl, json, csv, parquet).")],
+    data: Annotated[Optional[Path], typer.Option(help="Data file whose perplexity to score (jsonl, json, csv, "
+                                                      "parquet).")] = None,
+    task: Annotated[Optional[list[Path]], typer.Option(help="Task YAML (perplexity, exact_match, multiple_choice); "
+                                                            "repeat for several.")] = None,
+    harness_task: Annotated[Optional[list[str]], typer.Option(help="lm-evaluation-harness task name or task YAML; "
+                                                                   "needs the `harness` extra.")] = None,
     adapter: Annotated[Optional[list[str]], typer.Option(help="Adapter directory; repeat to score several in turn.")] = None,
-    form: Annotated[Optional[str], typer.Option(help="Data form: text, instruction, chat, completion "
+    baseline: Annotated[Optional[list[str]], typer.Option(help="Also score this model alone (MODEL itself: without "
+                                                               "adapters); shown, never gated.")] = None,
+    form: Annotated[Optional[str], typer.Option(help="--data form: text, instruction, chat, completion "
                                                      "(default: the run's, else text).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON here.")] = None,
-    fail_under: Annotated[Optional[list[str]], typer.Option(help="METRIC=VALUE: exit 1 if below (higher is better).")] = None,
-    fail_over: Annotated[Optional[list[str]], typer.Option(help="METRIC=VALUE: exit 1 if above (lower is better).")] = None,
-    max_length: Annotated[int, typer.Option(help="Tokens per example.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward.")] = 8,
+    samples: Annotated[Optional[Path], typer.Option(help="Write each generated / chosen answer as jsonl here.")] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option(help="[TASK.]METRIC=VALUE: exit 1 if below (higher is "
+                                                                 "better), e.g. exact_match=0.5.")] = None,
+    fail_over: Annotated[Optional[list[str]], typer.Option(help="[TASK.]METRIC=VALUE: exit 1 if above (lower is "
+                                                                "better), e.g. perplexity=2.5.")] = None,
+    max_length: Annotated[int, typer.Option(help="--data: tokens per example.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="--data: examples per forward.")] = 8,
 ):
-    """Score a model (optionally with adapters) on a data file: perplexity, as a table and JSON; CI gates."""
-    from sparseft.eval.runner import check_gates, evaluate, parse_gates, write_json
+    """Score a model (alone, or with each adapter in turn) on tasks: perplexity, exact match, multiple choice, and
+    lm-evaluation-harness tasks; a table, JSON and CI gates."""
+    from sparseft.eval.report import results_table
+    from sparseft.eval.runner import check_gate_names, check_gates, evaluate, parse_gates, write_json
+    from sparseft.eval.tasks import data_task, load_task
 
     if form is not None and form not in ("text", "instruction", "chat", "completion"):
         raise UserError(f"--form {form!r}: expected text, instruction, chat or completion")
+    tasks = [data_task(str(data), form, max_length, batch_size)] if data is not None else []
+    tasks += [load_task(t) for t in task or []]
+    if harness_task:
+        from sparseft.eval.harness import require_harness
+
+        require_harness()
     under, over = parse_gates(fail_under or [], "--fail-under"), parse_gates(fail_over or [], "--fail-over")
-    results = evaluate(model, str(data), adapter or [], form=form, max_length=max_length, batch_size=batch_size)
-    table = Table("model", "adapter", "perplexity", "loss", "tokens")
-    for r in results:
-        table.add_row(r.model, r.adapter or "-", f"{r.metrics['perplexity']:.3f}", f"{r.metrics['loss']:.4f}",
-                      str(r.metrics["tokens"]))
-    console.print(table)
+    if not harness_task:
+        check_gate_names(tasks, {"--fail-under": under, "--fail-over": over})
+    rows: list | None = [] if samples is not None else None
+    results = evaluate(model, tasks, adapter or [], baseline or [], harness_task or [], samples=rows,
+                       log=lambda s: err_console.print(f"[dim]scoring {s}[/]", highlight=False))
+    console.print(results_table(results))
     if json_out is not None:
         write_json(results, json_out)
+    if samples is not None:
+        from sparseft.infer.output import write_jsonl
+
+        write_jsonl(rows, samples)
     missed = check_gates(results, under, over)
     if missed:
         for m in missed:
             err_console.print(f"[bold red]gate missed:[/] {m}", highlight=False)
         raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def generate(
+    model: Annotated[str, typer.Argument(help="A base model, a run directory or a merged model.")],
+    prompt: Annotated[Optional[list[str]], typer.Option(help="A prompt; repeat for several.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="jsonl (or json, csv, parquet) rows: {prompt} or {messages}, "
+                                                         "optionally {adapter: NAME, index or base}.")] = None,
+    adapter: Annotated[Optional[list[str]], typer.Option(help="Adapter directory; repeat for several (a prompt "
+                                                              "naming none runs with each).")] = None,
+    chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user turn in the chat template.")] = False,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens generated at most per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy; above 0 samples.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Sampling seed (each prompt has its own generator).")] = 0,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop at this string (cut); repeatable.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 8,
+    output: Annotated[str, typer.Option(help="text or jsonl.")] = "text",
+    out: Annotated[Optional[Path], typer.Option(help="Write the output here instead of the terminal.")] = None,
+):
+    """Generate from prompts with a model, alone or with adapters (S2FT adapters mix in one batch, unmerged)."""
+    from sparseft.infer.generate import Sampling
+    from sparseft.infer.output import format_text, write_jsonl
+    from sparseft.infer.run import requests_from_file, requests_from_texts, run_generation
+
+    if output not in ("text", "jsonl"):
+        raise UserError(f"--output {output!r}: expected text or jsonl")
+    if top_p == 0:
+        raise UserError("--top-p 0: must be above 0 (1 keeps every token)")
+    requests = requests_from_texts(prompt or []) + (requests_from_file(prompts) if prompts is not None else [])
+    records = run_generation(model, requests, adapter or [], Sampling(max_new_tokens, temperature, top_p, seed,
+                                                                        tuple(stop or [])), chat, batch_size)
+    if output == "jsonl":
+        write_jsonl(records, out if out is not None else sys.stdout)
+    elif out is not None:
+        out.write_text(format_text(records))
+    else:
+        print(format_text(records), end="")
 
 
 @app.command()

@@ -1,4 +1,9 @@
-"""`sparseft eval`: resolve MODEL (base model, run directory or merged model) and adapters, score each, gate for CI."""
+"""`sparseft eval`: load MODEL (base model, run directory or merged model) once, score every task with the model alone
+or with each adapter in turn (and any baselines), gate the results for CI, write them as JSON.
+
+Results are flat records {model, adapter, task, baseline, <metrics>}. The JSON is {"results": [...]} and, when there
+is exactly one non-baseline result, that result's metrics at the top level too (so `jq .perplexity` keeps working).
+"""
 
 from __future__ import annotations
 
@@ -6,93 +11,189 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
-from sparseft.data import load_examples
+from sparseft.data import encode_rows, pad_token_id
+from sparseft.data.forms import check_form
 from sparseft.errors import UserError
 from sparseft.eval.perplexity import perplexity
-from sparseft.export.run import is_run_dir, load_run
-from sparseft.models import load_model, load_tokenizer
+from sparseft.eval.rows import task_rows
+from sparseft.eval.tasks import ExactMatchTask, MultipleChoiceTask, PerplexityTask, Task
+from sparseft.infer.loading import LoadedModel, load_for_inference
 
-LOWER_IS_BETTER = {"perplexity", "loss"}
+# The metrics each task type reports; gates naming anything else are refused before a model loads.
+TASK_METRICS = {"perplexity": ("perplexity", "loss", "tokens"), "exact_match": ("exact_match", "correct", "n"),
+                "multiple_choice": ("accuracy", "correct", "n")}
 
 
 @dataclass
 class EvalResult:
     model: str
     adapter: str | None
+    task: str
     metrics: dict[str, float] = field(default_factory=dict)
+    baseline: bool = False
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "adapter": self.adapter, **self.metrics}
+        return {"model": self.model, "adapter": self.adapter, "task": self.task, "baseline": self.baseline,
+                **self.metrics}
 
 
-def _models(model_path: str, adapters: list[str], dtype: str) -> Iterator[tuple[str | None, object, object, str]]:
-    """Yield (adapter label, model, tokenizer, default data form) for the model alone or each adapter in turn."""
-    form = "text"
-    if is_run_dir(model_path):
-        trained = load_run(model_path)
-        model, tokenizer, form = trained.model, trained.tokenizer, trained.recipe.data.format
-        if adapters:
-            raise UserError(f"MODEL {model_path} is a run directory; adapters apply to a base model")
-    else:
-        tokenizer = load_tokenizer(model_path, key="MODEL")
-        model = load_model(model_path, dtype, key="MODEL")
-    model.eval()
-    if not adapters:
-        yield None, model, tokenizer, form
-        return
+def task_inputs(task: Task, tokenizer: Any, default_form: str = "text"):
+    """What a task scores, tokenised once per tokenizer and reused across adapters."""
+    if isinstance(task, PerplexityTask):
+        form = task.form or default_form
+        check_form(form, task.fields, task.prompt_template, tokenizer, form_key=f"task {task.name}: form")
+        examples, _ = encode_rows(task_rows(task), form, tokenizer, task.max_length, where=f"task {task.name}: "
+                                  f"data={task.data}", fields=task.fields, prompt_template=task.prompt_template)
+        return examples
+    if isinstance(task, ExactMatchTask):
+        from sparseft.eval.exact_match import build_items
+
+        return build_items(task, tokenizer)
+    from sparseft.eval.choice import build_items
+
+    return build_items(task, tokenizer)
+
+
+def run_task(task: Task, model: Any, tokenizer: Any, inputs=None, default_form: str = "text",
+             samples: list | None = None) -> dict[str, float]:
+    """Score one task on an in-memory model (with any adapter already in effect)."""
+    inputs = task_inputs(task, tokenizer, default_form) if inputs is None else inputs
+    if isinstance(task, PerplexityTask):
+        return perplexity(model, inputs, task.batch_size, pad_token_id(tokenizer))
+    if isinstance(task, ExactMatchTask):
+        from sparseft.eval.exact_match import exact_match
+
+        return exact_match(model, tokenizer, task, inputs, samples)
+    if isinstance(task, MultipleChoiceTask):
+        from sparseft.eval.choice import multiple_choice
+
+        return multiple_choice(model, tokenizer, task, inputs, samples)
+    raise TypeError(f"unknown task type {type(task).__name__}")
+
+
+def _variants(loaded: LoadedModel, adapters: Sequence[str], bare: bool) -> Iterator[tuple[str | None, Any]]:
+    """(adapter, model) pairs: the model alone if `bare`, then with each adapter in turn (the base restored after)."""
+    if adapters and loaded.is_run:
+        raise UserError(f"MODEL {loaded.path} is a run directory; adapters apply to a base model")
+    if bare:
+        yield None, loaded.model
     from sparseft.export.apply import adapter_applied
 
     for adapter in adapters:
-        with adapter_applied(model, adapter) as adapted:
-            yield adapter, adapted, tokenizer, form
+        with adapter_applied(loaded.model, adapter) as adapted:
+            adapted.eval()
+            yield adapter, adapted
 
 
-def evaluate(model_path: str, data: str, adapters: list[str] = (), form: str | None = None, max_length: int = 512,
-             batch_size: int = 8, dtype: str = "float32") -> list[EvalResult]:
-    results = []
-    for adapter, model, tokenizer, default_form in _models(model_path, list(adapters), dtype):
-        examples, _ = load_examples(data, form or default_form, tokenizer, max_length, source_key="--data")
-        if not examples:
-            raise UserError(f"--data {data}: no example has tokens to score")
-        metrics = perplexity(model, examples, batch_size, tokenizer.pad_token_id)
-        results.append(EvalResult(model_path, adapter, metrics))
+def evaluate(model_path: str, tasks: Sequence[Task], adapters: Sequence[str] = (), baselines: Sequence[str] = (),
+             harness_tasks: Sequence[str] = (), dtype: str = "float32", samples: list | None = None,
+             log=lambda s: None) -> list[EvalResult]:
+    """Every task for each baseline (alone), then for MODEL alone or with each adapter. A baseline that is MODEL
+    itself shares its load. `samples`, if given, receives per-row records of generation and choice tasks."""
+    if not tasks and not harness_tasks:
+        raise UserError("eval: give --data FILE, --task FILE or --harness-task NAME")
+    names = [t.name for t in tasks] + list(harness_tasks)
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UserError(f"eval: two tasks are named {twice[0]!r}; give one of them another `name`")
+    from sparseft.export.apply import adapter_method
+
+    for adapter in adapters:  # a missing or malformed adapter fails before any model loads
+        adapter_method(adapter)
+    plan: list[tuple[str, bool]] = [(b, True) for b in baselines if b != model_path] + [(model_path, False)]
+    results: list[EvalResult] = []
+    for path, is_baseline in plan:
+        loaded = load_for_inference(path, dtype)
+        inputs = {t.name: task_inputs(t, loaded.tokenizer, loaded.form) for t in tasks}
+        bare = is_baseline or not adapters or model_path in baselines
+        for adapter, model in _variants(loaded, [] if is_baseline else list(adapters), bare):
+            base_flag = is_baseline or (adapter is None and bool(adapters))
+            for task in tasks:
+                log(f"{path}{' + ' + adapter if adapter else ''}: {task.name}")
+                rows: list | None = [] if samples is not None else None
+                metrics = run_task(task, model, loaded.tokenizer, inputs[task.name], loaded.form, rows)
+                results.append(EvalResult(path, adapter, task.name, metrics, base_flag))
+                if rows:
+                    samples += [{"model": path, "adapter": adapter, "task": task.name, **r} for r in rows]
+            if harness_tasks:
+                from sparseft.eval.harness import run_harness
+
+                for name, metrics in run_harness(model, loaded.tokenizer, harness_tasks):
+                    results.append(EvalResult(path, adapter, name, metrics, base_flag))
     return results
 
 
-def parse_gates(items: list[str], flag: str) -> dict[str, float]:
-    gates = {}
+# --- CI gates and JSON ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Gate:
+    task: str | None  # None: every task that reports the metric
+    metric: str
+    value: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}.{self.metric}" if self.task else self.metric
+
+
+def parse_gates(items: Sequence[str], flag: str) -> list[Gate]:
+    """METRIC=VALUE or TASK.METRIC=VALUE (the task's name: its file name without .yaml, or the --data file's)."""
+    gates = []
     for item in items:
         name, _, value = item.partition("=")
         try:
-            gates[name.strip()] = float(value)
+            number = float(value)
         except ValueError:
-            raise UserError(f"{flag} {item!r}: expected METRIC=NUMBER, e.g. perplexity=12.5") from None
+            raise UserError(f"{flag} {item!r}: expected METRIC=NUMBER or TASK.METRIC=NUMBER, e.g. perplexity=12.5 "
+                            "or arith_em.exact_match=0.5") from None
+        task, _, metric = name.strip().rpartition(".")
+        gates.append(Gate(task or None, metric, number))
     return gates
 
 
-def check_gates(results: list[EvalResult], under: dict[str, float], over: dict[str, float]) -> list[str]:
-    """Missed gates as messages: `under` are floors (higher is better), `over` are ceilings (lower is better)."""
+def check_gate_names(tasks: Sequence[Task], gates: dict[str, list[Gate]]) -> None:
+    """Refuse, before any model loads, a gate that no task can satisfy (harness tasks are checked after the run)."""
+    for flag, items in gates.items():
+        for g in items:
+            named = [t for t in tasks if g.task is None or t.name == g.task]
+            if g.task is not None and not named:
+                raise UserError(f"{flag} {g.key}: no task named {g.task!r} (tasks: "
+                                f"{', '.join(t.name for t in tasks) or 'none'})")
+            if not any(g.metric in TASK_METRICS[t.metric] for t in named):
+                have = sorted({m for t in named for m in TASK_METRICS[t.metric]})
+                raise UserError(f"{flag} {g.key}: no such metric (have: {', '.join(have) or 'none'})")
+
+
+def check_gates(results: Sequence[EvalResult], under: Sequence[Gate], over: Sequence[Gate]) -> list[str]:
+    """Missed gates as messages: `under` are floors (higher is better), `over` ceilings (lower is better).
+    Baselines are reported, never gated."""
     missed = []
-    for r in results:
-        who = r.adapter or r.model
-        for name, floor in under.items():
-            if name not in r.metrics:
-                raise UserError(f"--fail-under {name}: no such metric (have: {', '.join(r.metrics)})")
-            if not r.metrics[name] >= floor:
-                missed.append(f"{who}: {name} {r.metrics[name]:.4f} is below {floor}")
-        for name, ceiling in over.items():
-            if name not in r.metrics:
-                raise UserError(f"--fail-over {name}: no such metric (have: {', '.join(r.metrics)})")
-            if not r.metrics[name] <= ceiling or math.isnan(r.metrics[name]):
-                missed.append(f"{who}: {name} {r.metrics[name]:.4f} is above {ceiling}")
+    gated = [r for r in results if not r.baseline]
+    for gates, flag in ((under, "--fail-under"), (over, "--fail-over")):
+        for g in gates:
+            hits = [r for r in gated if g.metric in r.metrics and (g.task is None or r.task == g.task)]
+            if not hits:
+                have = sorted({m for r in gated for m in r.metrics})
+                raise UserError(f"{flag} {g.key}: no result has it (have: {', '.join(have)})")
+            for r in hits:
+                v = r.metrics[g.metric]
+                low = flag == "--fail-under"
+                if math.isnan(v) or (v < g.value if low else v > g.value):
+                    who = r.model + (f" + {r.adapter}" if r.adapter else "")
+                    missed.append(f"{who}: {r.task} {g.metric} {v:.4f} is {'below' if low else 'above'} {g.value}")
     return missed
 
 
-def write_json(results: list[EvalResult], out: str | Path) -> None:
-    payload = {"results": [r.as_dict() for r in results]}
-    if len(results) == 1:
-        payload.update(results[0].metrics)
+def results_payload(results: Sequence[EvalResult]) -> dict:
+    payload: dict = {"results": [r.as_dict() for r in results]}
+    gated = [r for r in results if not r.baseline]
+    if len(gated) == 1:
+        payload.update(gated[0].metrics)
+    return payload
+
+
+def write_json(results: Sequence[EvalResult], out: str | Path) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(payload, indent=2) + "\n")
+    Path(out).write_text(json.dumps(results_payload(results), indent=2) + "\n")

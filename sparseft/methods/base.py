@@ -44,6 +44,9 @@ class Method:
     name: ClassVar[str]
     config_cls: ClassVar[type[MethodConfig]]
     has_adapter: ClassVar[bool] = False
+    # ZeRO stages the method trains correctly under (sparseft/train/distributed.py checks it before launching);
+    # empty: single process only.
+    zero_stages: ClassVar[tuple[int, ...]] = (0, 1, 2, 3)
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

@@ -82,6 +82,7 @@ def group_units(n_units: int, group_size: int) -> list[list[int]]:
 class HiFT(Method):
     config_cls = HiFTConfig
     cfg: HiFTConfig
+    zero_stages = ()  # ZeRO fixes the trainable set at start; HiFT changes it every step
 
     def __init__(self, cfg: HiFTConfig):
         super().__init__(cfg)

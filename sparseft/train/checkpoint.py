@@ -57,11 +57,6 @@ class RunDir:
         tmp.replace(path)
 
 
-def trainable_state(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    params = dict(model.named_parameters())
-    return {n: params[n].detach().cpu().contiguous() for n in names}
-
-
 def load_trainable(model: nn.Module, path: Path) -> None:
     """Copy saved trainable tensors into the prepared model; every saved name must exist with its shape."""
     from safetensors.torch import load_file
@@ -89,15 +84,16 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_state(out: Path, model: nn.Module, names: list[str], meta: dict, method_state: dict,
+def save_state(out: Path, tensors: dict[str, torch.Tensor], meta: dict, method_state: dict,
                engine_state: dict | None = None) -> None:
-    """Write a checkpoint (engine_state given) or a final state, atomically."""
+    """Write a checkpoint (engine_state given) or a final state, atomically. `tensors`: the trainable parameters by
+    name, full and on CPU (`Engine.gather`)."""
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(trainable_state(model, names), str(tmp / TRAINABLE))
+        save_file(tensors, str(tmp / TRAINABLE))
         torch.save(method_state, tmp / "method.pt")
         if engine_state is not None:
             torch.save({"engine": engine_state, "rng": rng_state()}, tmp / "engine.pt")

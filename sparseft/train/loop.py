@@ -17,11 +17,13 @@ import torch
 from sparseft.data import build_datasets, micro_batches
 from sparseft.errors import UserError
 from sparseft.eval.perplexity import perplexity
+from sparseft.eval.in_training import eval_step
 from sparseft.methods import MethodContext, build_method
 from sparseft.models import load_model, load_tokenizer
 from sparseft.recipe import Recipe, recipe_to_yaml
-from sparseft.train.checkpoint import (RunDir, load_trainable, prune_checkpoints, read_meta, save_state,
+from sparseft.train.checkpoint import (TRAINABLE, RunDir, load_trainable, prune_checkpoints, read_meta, save_state,
                                        set_rng_state)
+from sparseft.train.distributed import DeepSpeedEngine, Ranks, SilentReporter, rank_batches, start_ranks
 from sparseft.train.optim import Engine
 from sparseft.train.report import Reporter, plot_loss
 
@@ -43,9 +45,12 @@ def seed_everything(seed: int) -> None:
 
 
 def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporter_console=None) -> RunResult:
+    """Run a recipe in this process, or as one rank of a launched job (every rank calls this; rank 0 writes)."""
     t = recipe.train
     run = RunDir(Path(t.output_dir))
-    ckpt = _prepare_run_dir(run, recipe, resume, overwrite)
+    ranks = start_ranks()
+    # Rank 0 checks and prepares the run directory; the others wait for its answer (or are stopped with it).
+    ckpt = ranks.broadcast(prepare_run_dir(run, recipe, resume, overwrite) if ranks.is_main else None)
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code,
@@ -54,18 +59,22 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
 
-    def calibration(n: int):
-        return itertools.islice(micro_batches(data.train, t.micro_batch_size, t.seed, 0, pad_id), n)
+    def calibration(n: int):  # global batches: a selection does not depend on how many ranks share them
+        return itertools.islice(micro_batches(data.train, t.micro_batch_size * ranks.world, t.seed, 0, pad_id), n)
 
     n_base = sum(p.numel() for p in model.parameters())
     method = build_method(recipe.method)
     ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path)
-    reporter = Reporter(run.metrics, t.max_steps, read_meta(ckpt)["step"] if ckpt else 0, reporter_console)
+    meta = read_meta(ckpt) if ckpt else {"step": 0, "examples_seen": 0}
+    reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console) if ranks.is_main \
+        else SilentReporter()
     ctx.log = reporter.info
     reporter.info(data.summary())
     if ckpt is None:
-        selection = method.select(model, ctx)
-        run.write_json(run.selection, selection)
+        # Every rank selects (the same computation and RNG use as one process); rank 0's choice is the one kept.
+        selection = ranks.broadcast(method.select(model, ctx))
+        if ranks.is_main:
+            run.write_json(run.selection, selection)
     else:
         selection = json.loads(run.selection.read_text())
     model = method.prepare(model, selection, ctx)
@@ -75,61 +84,67 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     model.train()
 
     trainable = method.trainable_parameters(model)
-    engine = Engine(model, method.optimizer_param_groups(model, t.weight_decay), t)
+    if ckpt is not None:
+        load_trainable(model, ckpt / TRAINABLE)  # before the engine: DeepSpeed starts its partitions from them
+    groups = method.optimizer_param_groups(model, t.weight_decay)
+    engine = DeepSpeedEngine(model, groups, recipe, ranks, method) if ranks.launched else Engine(model, groups, t)
     n_train = sum(p.numel() for p in trainable.values())
     reporter.info(f"method {method.name}: {n_train:,} trainable parameters; the base model has {n_base:,} "
-                  f"({100 * n_train / n_base:.3f}%)")
+                  f"({100 * n_train / n_base:.3f}%)" + (f"; {ranks.world} ranks, ZeRO stage {engine.stage}"
+                                                         if ranks.launched else ""))
 
     start = 0
     if ckpt is not None:
-        start = _restore(ckpt, model, engine, method)
+        start = _restore(ckpt, engine, method)
         reporter.info(f"resumed from {ckpt} at step {start}")
-    per_step = t.micro_batch_size * t.grad_accum_steps
-    stream = micro_batches(data.train, t.micro_batch_size, t.seed, start * per_step, pad_id)
+    per_step = t.micro_batch_size * t.grad_accum_steps * ranks.world
+    seen = meta["examples_seen"]
+    stream = rank_batches(data.train, t.micro_batch_size, t.seed, seen, pad_id, ranks)
 
     first = last = val = None
     began = time.perf_counter()
     for step in range(start, t.max_steps):
         tick = time.perf_counter()
         method.on_step_start(step, model, engine.optimizer)
-        loss_sum, tokens, extra = 0.0, 0, {}
+        extra = {}
         for _ in range(t.grad_accum_steps):
-            batch = next(stream)
-            loss, logs = method.compute_loss(model, batch)
-            engine.backward(loss / t.grad_accum_steps)
-            loss_sum += float(loss.detach()) / t.grad_accum_steps
-            tokens += int(batch["attention_mask"].sum())
+            batch = engine.to_device(next(stream))
+            loss, logs = engine.loss(method.compute_loss, batch)
+            engine.backward(loss / t.grad_accum_steps, batch)
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + float(v) / t.grad_accum_steps
-        stats = engine.step()
+        stats = engine.step()  # loss and tokens over every rank's share of the step, lr, gradient norm
+        extra = engine.mean(extra)
         extra.update(method.on_step_end(step, model, engine.optimizer))
-        done = step + 1
-        first = loss_sum if first is None else first
-        last = loss_sum
-        record = {"step": done, "loss": loss_sum, **extra, **stats,
-                  "tokens_per_s": tokens / max(time.perf_counter() - tick, 1e-9),
+        done, seen = step + 1, seen + per_step
+        first = stats["loss"] if first is None else first
+        last = stats["loss"]
+        record = {"step": done, "loss": stats["loss"], **extra, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
+                  "tokens_per_s": stats["tokens"] / max(time.perf_counter() - tick, 1e-9),
                   "elapsed_s": time.perf_counter() - began}
         reporter.log(record, show=done % t.log_every == 0 or done == t.max_steps)
         if t.eval_every and data.validation and (done % t.eval_every == 0 or done == t.max_steps):
-            val = _validate(model, data.validation, t, pad_id)
+            val = _validate(engine.model, data.validation, t, pad_id)
             reporter.log({"step": done, "val_loss": val, "val_perplexity": float(np.exp(val))})
+        eval_step(recipe, model, tokenizer, done, reporter)  # the recipe's eval tasks, when due
         if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-            save_state(run.checkpoints / f"step-{done:08d}", model, list(trainable), _meta(done, per_step),
-                       method.state_dict(), engine.state_dict())
-            prune_checkpoints(run, t.keep_checkpoints)
+            _save(run.checkpoints / f"step-{done:08d}", engine, trainable, method, _meta(done, seen, ranks), True)
+            if ranks.is_main:
+                prune_checkpoints(run, t.keep_checkpoints)
 
-    save_state(run.final, model, list(trainable), _meta(t.max_steps, per_step), method.state_dict())
+    _save(run.final, engine, trainable, method, _meta(t.max_steps, seen, ranks), False)
     reporter.close()
     if data.validation is not None and val is None:
-        val = _validate(model, data.validation, t, pad_id)
-    plot_loss(run.metrics, run.path / "loss.png", f"{method.name} · {Path(recipe.model.path).name}")
+        val = _validate(engine.model, data.validation, t, pad_id)
     result = RunResult(run.path, t.max_steps - start, first, last, val, time.perf_counter() - began)
-    run.write_json(run.path / "summary.json", {k: str(v) if isinstance(v, Path) else v
-                                               for k, v in result.__dict__.items()})
+    if ranks.is_main:
+        plot_loss(run.metrics, run.path / "loss.png", f"{method.name} · {Path(recipe.model.path).name}")
+        run.write_json(run.path / "summary.json", {k: str(v) if isinstance(v, Path) else v
+                                                   for k, v in result.__dict__.items()})
     return result
 
 
-def _prepare_run_dir(run: RunDir, recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+def prepare_run_dir(run: RunDir, recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
     """Create or reuse the run directory; returns the checkpoint to resume from (None for a fresh run)."""
     text = recipe_to_yaml(recipe)
     if resume:
@@ -155,14 +170,20 @@ def _prepare_run_dir(run: RunDir, recipe: Recipe, resume: bool, overwrite: bool)
     return None
 
 
-def _meta(step: int, per_step: int) -> dict:
-    return {"step": step, "examples_seen": step * per_step}
+def _meta(step: int, examples_seen: int, ranks: Ranks) -> dict:
+    return {"step": step, "examples_seen": examples_seen, "ranks": ranks.world}
 
 
-def _restore(ckpt: Path, model, engine: Engine, method) -> int:
-    from sparseft.train.checkpoint import TRAINABLE
+def _save(out: Path, engine, trainable: dict, method, meta: dict, checkpoint: bool) -> None:
+    """Every rank takes part in gathering (ZeRO holds partitions); rank 0 writes."""
+    tensors = engine.gather(trainable)
+    engine_state = engine.state_dict() if checkpoint else None
+    if engine.is_main:
+        save_state(out, tensors, meta, method.state_dict(), engine_state)
 
-    load_trainable(model, ckpt / TRAINABLE)
+
+def _restore(ckpt: Path, engine, method) -> int:
+    """Optimizer, schedule, method and RNG state of a checkpoint (its weights are already in the model)."""
     state = torch.load(ckpt / "engine.pt", weights_only=False)
     engine.load_state_dict(state["engine"])
     method.load_state_dict(torch.load(ckpt / "method.pt", weights_only=False))

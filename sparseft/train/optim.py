@@ -34,7 +34,14 @@ def build_optimizer(param_groups: list[dict], t: TrainSection) -> torch.optim.Op
 
 
 class Engine:
-    """Single-process training engine: backward, clip, optimizer and scheduler step, state for checkpoints."""
+    """Single-process training engine: backward, clip, optimizer and scheduler step, state for checkpoints.
+
+    `DeepSpeedEngine` (sparseft/train/distributed.py) has the same calls and attributes, so the loop runs unchanged
+    on several ranks: `loss(compute_loss, batch)` runs a method's loss, `model` is what a forward pass calls
+    (validation), `is_main` whether this process writes the run directory.
+    """
+
+    is_main = True
 
     def __init__(self, model: nn.Module, param_groups: list[dict], t: TrainSection):
         self.model = model
@@ -44,19 +51,43 @@ class Engine:
             raise RuntimeError("the method left no parameter to train")
         self.optimizer = build_optimizer(param_groups, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, t))
+        self.device = next(model.parameters()).device
+        self._loss, self._tokens = 0.0, 0
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def loss(self, compute_loss, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """A method's `compute_loss(model, batch)`: (loss, values to log)."""
+        return compute_loss(self.model, batch)
+
+    def backward(self, loss: torch.Tensor, batch: dict[str, torch.Tensor] | None = None) -> None:
+        """Backpropagate a micro-batch's loss, already divided by grad_accum_steps; tally it (and the batch's tokens)
+        for the step's report."""
         loss.backward()
+        self._loss += float(loss.detach())
+        self._tokens += int(batch["attention_mask"].sum()) if batch is not None else 0
 
     def step(self) -> dict[str, float]:
-        """Clip, step, advance the schedule, clear gradients. Returns the step's lr and gradient norm."""
+        """Clip, step, advance the schedule, clear gradients. Returns the step's loss (the sum of what backward got),
+        tokens, lr and gradient norm (before clipping)."""
         lr = self.optimizer.param_groups[0]["lr"]
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"lr": lr, "grad_norm": float(norm)}
+        stats = {"loss": self._loss, "tokens": self._tokens, "lr": lr, "grad_norm": float(norm)}
+        self._loss, self._tokens = 0.0, 0
+        return stats
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Means over ranks of per-rank values; one process has only its own."""
+        return values
+
+    def gather(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """CPU copies of `params`, for checkpoints and the final state."""
+        return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -1,0 +1,125 @@
+"""Each metric against values computed by hand, on a bigram stub model whose log-probabilities are known exactly."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparseft.eval.exact_match import build_items, extract_answer
+from sparseft.eval.runner import run_task
+from sparseft.eval.tasks import validate_task
+from sparseft.infer.generate import Sampling, generate
+from tests.eval.evallib import V, bigram, char_tokenizer, cid, write_jsonl
+
+ARITH = [{"prompt": "3 + 4 =", "completion": " 7"}, {"prompt": "1 + 1 =", "completion": " 2"},
+         {"prompt": "5 + 2 =", "completion": " 7"}, {"prompt": "9 + 9 =", "completion": " 18"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+def task(**spec):
+    return validate_task(spec, "t")
+
+
+def test_perplexity_uniform_and_one_known_bigram(tmp_path, tok):
+    data = write_jsonl(tmp_path / "a.jsonl", ARITH[:2])  # answers " 7" and " 2": 3 loss tokens each with EOS
+    m = run_task(task(metric="perplexity", data=data, form="completion"), bigram({}), tok)
+    assert m["tokens"] == 6
+    assert m["loss"] == pytest.approx(math.log(V)) and m["perplexity"] == pytest.approx(V)
+    # p(" " | "=") = e^2 / (e^2 + V - 1); the other two tokens of each answer stay uniform.
+    m = run_task(task(metric="perplexity", data=data, form="completion"), bigram({("=", " "): 2.0}), tok)
+    p_space = math.exp(2) / (math.exp(2) + V - 1)
+    assert m["loss"] == pytest.approx((-math.log(p_space) + 2 * math.log(V)) / 3)
+
+
+def test_perplexity_text_form_and_limit(tmp_path, tok):
+    data = write_jsonl(tmp_path / "t.jsonl", [{"text": "ab"}, {"text": "abc"}])
+    m = run_task(task(metric="perplexity", data=data, limit=1), bigram({("a", "b"): 3.0}), tok)
+    # "ab</s>": b after a (p = e^3 / (e^3 + V - 1)), then </s> after b (uniform).
+    p_b = math.exp(3) / (math.exp(3) + V - 1)
+    assert m["tokens"] == 2
+    assert m["loss"] == pytest.approx((-math.log(p_b) + math.log(V)) / 2)
+
+
+# After "=" the stub always says " 7" and stops: right on two of the four sums.
+SAYS_7 = {("=", " "): 50.0, (" ", "7"): 50.0, ("7", "</s>"): 50.0}
+
+
+@pytest.mark.parametrize("rule,pattern", [("last_number", None), ("stripped", None), ("regex", r"(\d+)")])
+def test_exact_match(tmp_path, tok, rule, pattern):
+    data = write_jsonl(tmp_path / "a.jsonl", ARITH)
+    spec = dict(metric="exact_match", data=data, answer=rule, batch_size=3, generation={"max_new_tokens": 5})
+    if pattern:
+        spec["pattern"] = pattern
+    samples = []
+    m = run_task(task(**spec), bigram(SAYS_7), tok, samples=samples)
+    assert (m["exact_match"], m["correct"], m["n"]) == (0.5, 2, 4)
+    assert [s["generated"] for s in samples] == [" 7"] * 4
+    assert [s["correct"] for s in samples] == [True, False, True, False]
+
+
+def test_exact_match_stop_string_and_length(tmp_path, tok):
+    data = write_jsonl(tmp_path / "a.jsonl", ARITH[:1])
+    # " 7:7:7..." never ends: the stop string ":" cuts it to " 7"; without it max_new_tokens ends it at " 7:7".
+    loop = {("=", " "): 50.0, (" ", "7"): 50.0, ("7", ":"): 50.0, (":", "7"): 50.0}
+    samples = []
+    for stop in ([":"], []):
+        run_task(task(metric="exact_match", data=data, generation={"max_new_tokens": 4, "stop": stop}), bigram(loop),
+                 tok, samples=samples)
+    assert [s["generated"] for s in samples] == [" 7", " 7:7"]
+    assert [s["correct"] for s in samples] == [True, False]
+
+
+def test_few_shot_prompt_is_shots_then_prompt(tmp_path, tok):
+    data = write_jsonl(tmp_path / "a.jsonl", ARITH[:1])
+    t = task(metric="exact_match", data=data, few_shot={"examples": [{"prompt": "1 + 2 =", "completion": " 3"}],
+                                                          "separator": "?"})
+    [item] = build_items(t, tok)
+    assert tok.decode(item.prompt_ids) == "1 + 2 = 3?3 + 4 ="
+    assert item.reference == "7"
+
+
+def test_extract_answer_rules():
+    assert extract_answer("  so 1,200 then 25.50 ", "last_number") == "25.5"
+    assert extract_answer("x 10.0", "last_number") == "10"
+    assert extract_answer("-3 and 4", "first_number") == "-3"
+    assert extract_answer("none", "last_number") is None
+    assert extract_answer("\n a b \n c", "first_line") == "a b"
+    assert extract_answer(" Paris \n", "stripped") == "Paris"
+    assert extract_answer("answer: B.", "regex", r"answer: (\w)") == "B"
+    assert extract_answer("no", "regex", r"answer: (\w)") is None
+
+
+def test_multiple_choice_by_sum_per_token_and_per_char(tmp_path, tok):
+    # Query "q", delimiter " ": choice "a" scores " a", choice "bb" scores " bb". Every choice shares log p(" " | q).
+    pairs = {(" ", "a"): 3.0, (" ", "b"): 3.4, ("b", "b"): 2.5}
+    lp = torch.log_softmax(bigram(pairs).table, dim=-1)
+    space = float(lp[cid("q"), cid(" ")])
+    a = space + float(lp[cid(" "), cid("a")])
+    bb = space + float(lp[cid(" "), cid("b")]) + float(lp[cid("b"), cid("b")])
+    assert a > bb and a / 2 < bb / 3 and a / 1 < bb / 2  # the sum prefers "a"; per token and per character "bb"
+    rows = [{"query": "q", "choices": ["a", "bb"], "gold": 0}, {"query": "q", "choices": ["bb", "a"], "gold": "a"},
+            {"query": "q", "choices": ["a", "bb"], "gold": 1}]
+    data = write_jsonl(tmp_path / "mc.jsonl", rows)
+    expected = {"none": (2, [a, bb]), "tokens": (1, [a / 2, bb / 3]), "chars": (1, [a / 1, bb / 2])}
+    for normalize, (correct, scores) in expected.items():
+        samples = []
+        m = run_task(task(metric="multiple_choice", data=data, normalize=normalize, batch_size=4), bigram(pairs), tok,
+                     samples=samples)
+        assert (m["correct"], m["n"]) == (correct, 3) and m["accuracy"] == pytest.approx(correct / 3)
+        assert samples[0]["scores"] == pytest.approx(scores, abs=1e-5)
+
+
+def test_sampling_is_seeded_per_prompt_and_batch_invariant(tok):
+    model = bigram({})  # uniform: every draw is random
+    prompts = [[cid("a")], [cid("b"), cid("c")], [cid("d")]]
+    s = Sampling(max_new_tokens=5, temperature=1.0, top_p=0.9, seed=3)
+    one = generate(model, tok, prompts, s, batch_size=3)
+    assert [g.token_ids for g in one] == [g.token_ids for g in generate(model, tok, prompts, s, batch_size=1)]
+    other = generate(model, tok, prompts, Sampling(max_new_tokens=5, temperature=1.0, seed=4), batch_size=3)
+    assert [g.token_ids for g in one] != [g.token_ids for g in other]
