@@ -79,8 +79,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
         selection = json.loads(run.selection.read_text())
     model = method.prepare(model, selection, ctx)
     if t.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings (and HiFT's inactive
+        # lower groups) still cut the backward pass where nothing below trains.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings would otherwise cut the graph at the first block
     model.train()
 
     trainable = method.trainable_parameters(model)

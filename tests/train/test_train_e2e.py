@@ -119,3 +119,16 @@ def test_full_has_no_adapter_form(tmp_path, tiny_model_dir):
     result = runner.invoke(app, ["export", str(tmp_path / "run"), "--adapter", str(tmp_path / "ad")])
     assert result.exit_code == 2 and "no adapter form" in result.output
     assert not (tmp_path / "ad").exists()
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4}, S2FT])
+def test_gradient_checkpointing_gives_the_same_run(tmp_path, tiny_model_dir, method):
+    runs = []
+    for gc in (False, True):
+        d = tmp_path / f"gc-{gc}"
+        d.mkdir()
+        cli("train", write_recipe(d, tiny_model_dir("qwen3"), method,
+                                  train={"max_steps": 3, "gradient_checkpointing": gc}))
+        runs.append(_final_weights(d / "run"))
+    for k in runs[0]:
+        torch.testing.assert_close(runs[0][k], runs[1][k], rtol=1e-6, atol=1e-6)
