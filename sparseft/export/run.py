@@ -59,7 +59,7 @@ def export_merged(run_dir: str | Path, out: str | Path) -> Path:
     """Write a merged model that `AutoModelForCausalLM.from_pretrained` loads with no sparseft installed."""
     trained = load_run(run_dir)
     merged = trained.method.merged(trained.model)
-    files = {"sparseft_recipe.yaml": recipe_to_yaml(trained.recipe)}
+    files = {"sparseft_recipe.yaml": recipe_to_yaml(trained.recipe), **trained.method.export_files(merged)}
     return save_merged_dir(merged, trained.tokenizer, out, _describe(trained, "merged"), files)
 
 

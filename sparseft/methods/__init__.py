@@ -2,6 +2,6 @@
 
 from sparseft.methods.base import Method, MethodConfig, MethodContext, build_method, method_names, register
 
-from sparseft.methods import full, hift, lamda, lora, s2ft  # noqa: E402,F401  (registration)
+from sparseft.methods import full, hift, lamda, lora, s2ft, squarehead  # noqa: E402,F401  (registration)
 
 __all__ = ["Method", "MethodConfig", "MethodContext", "build_method", "method_names", "register"]
