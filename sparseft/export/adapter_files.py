@@ -1,20 +1,18 @@
 """Adapter directories: `adapter_config.json` + `adapter_model.safetensors`, every tensor in the base model's coordinates.
 
-Writing is atomic (a temporary directory renamed into place), so a failed export never leaves a half adapter.
+Writing is atomic (sparseft/files.py), so a failed export never leaves a half adapter.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 import sparseft
 from sparseft.errors import UserError
+from sparseft.files import atomic_dir
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -25,35 +23,16 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
     """Write an adapter directory. `config` must hold `method` and `base_model`; format and versions are added here."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
     cfg = {"format_version": FORMAT_VERSION, "sparseft_version": sparseft.__version__, **config}
     for key in ("method", "base_model"):
         if key not in cfg:
             raise ValueError(f"adapter config needs {key!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         for name, text in extra_files.items():
             (tmp / name).write_text(text)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished temporary directory to `out`, replacing an older one only once the new one is complete."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    return Path(out_dir)
 
 
 def read_adapter(path: str | Path, method: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:

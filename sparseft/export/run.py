@@ -4,8 +4,6 @@ model's layout) or as an adapter (each method's own form, in the base model's co
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import torch.nn as nn
 
 import sparseft
 from sparseft.errors import UserError
-from sparseft.export.adapter_files import replace_dir
+from sparseft.files import atomic_dir
 from sparseft.methods import Method, MethodContext, build_method
 from sparseft.models import load_model, load_tokenizer
 from sparseft.recipe import Recipe, load_recipe, recipe_to_yaml
@@ -66,21 +64,14 @@ def export_merged(run_dir: str | Path, out: str | Path) -> Path:
 def save_merged_dir(model: nn.Module, tokenizer, out: str | Path, description: dict,
                     files: dict[str, str] | None = None) -> Path:
     """A plain Hugging Face directory (model, tokenizer, `sparseft_export.json`), written atomically."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         desc = {"format_version": 1, "sparseft_version": sparseft.__version__, **description}
         (tmp / "sparseft_export.json").write_text(json.dumps(desc, indent=2) + "\n")
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
@@ -88,18 +79,11 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
     trained = load_run(run_dir)
     if not trained.method.has_adapter:
         raise UserError(f"method {trained.method.name!r} has no adapter form; export it with --merged")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         fields = trained.method.save_adapter(trained.model, tmp, trained.recipe.model.path)
         _stamp_adapter_config(tmp, trained, fields)
         (tmp / "sparseft_recipe.yaml").write_text(recipe_to_yaml(trained.recipe))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
 
 
 def _describe(trained: TrainedRun, form: str) -> dict:

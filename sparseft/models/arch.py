@@ -99,6 +99,25 @@ class ArchSpec:
         return self.num_kv_heads if role in ATTN_ROLES else self.intermediate_size
 
 
+def check_roles(roles: list[str]) -> list[str]:
+    """A recipe's list of projection roles: known, non-empty, no repeats; returned in canonical order (so selections
+    and adapters read the same whatever order the recipe lists them in). Raises ValueError for pydantic to report."""
+    bad = [r for r in roles if r not in ROLES]
+    if bad:
+        raise ValueError(f"unknown projection(s) {bad}; choose from {list(ROLES)}")
+    if not roles:
+        raise ValueError(f"list at least one projection of {list(ROLES)}")
+    if len(set(roles)) != len(roles):
+        raise ValueError(f"projection listed twice in {roles}")
+    return sorted(roles, key=ROLES.index)
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `path` (wrapping or unwrapping a layer)."""
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent), name, module)
+
+
 def arch_of(model_or_config) -> ArchSpec:
     """The ArchSpec of a causal LM (or its config); a clear error for families the table does not know."""
     config = getattr(model_or_config, "config", model_or_config)

@@ -10,7 +10,6 @@ import json
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from sparseft.errors import UserError
-from sparseft.export.adapter_files import replace_dir
+from sparseft.files import atomic_dir
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINABLE = "trainable.safetensors"
@@ -90,18 +89,12 @@ def save_state(out: Path, tensors: dict[str, torch.Tensor], meta: dict, method_s
     name, full and on CPU (`Engine.gather`)."""
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / TRAINABLE))
         torch.save(method_state, tmp / "method.pt")
         if engine_state is not None:
             torch.save({"engine": engine_state, "rng": rng_state()}, tmp / "engine.pt")
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_meta(ckpt: Path) -> dict:

@@ -11,6 +11,7 @@ import torch.nn as nn
 from sparseft.errors import UserError
 from sparseft.export.adapter_files import read_adapter
 from sparseft.methods.lamda.layers import NAMES, LamdaLinear
+from sparseft.models.arch import set_module
 
 
 def read_lamda_adapter(path: str | Path) -> tuple[float, dict[str, dict[str, torch.Tensor]]]:
@@ -36,10 +37,6 @@ def lamda_applied(model: nn.Module, path: str | Path):
     scale, modules = read_lamda_adapter(path)
     originals: dict[str, tuple[nn.Linear, list[bool]]] = {}
 
-    def put(p: str, module: nn.Module) -> None:
-        parent, _, name = p.rpartition(".")
-        setattr(model.get_submodule(parent), name, module)
-
     try:
         for p, tensors in modules.items():
             try:
@@ -54,10 +51,10 @@ def lamda_applied(model: nn.Module, path: str | Path):
             except ValueError as e:
                 raise UserError(f"adapter {path}: {p}: {e}") from None
             originals[p] = (base, flags)
-            put(p, layer.requires_grad_(False))
+            set_module(model, p, layer.requires_grad_(False))
         yield model
     finally:
         for p, (base, flags) in originals.items():
-            put(p, base)
+            set_module(model, p, base)
             for q, flag in zip(base.parameters(), flags):
                 q.requires_grad_(flag)

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparseft.methods.base import MethodConfig
-from sparseft.models.arch import ROLES
+from sparseft.models.arch import ROLES, check_roles
 
 
 class FreezeB(BaseModel):
@@ -63,14 +63,7 @@ class LamdaConfig(MethodConfig):
     @field_validator("projections")
     @classmethod
     def _known_roles(cls, v: list[str]) -> list[str]:
-        bad = [p for p in v if p not in ROLES]
-        if bad:
-            raise ValueError(f"unknown projection(s) {bad}; choose from {list(ROLES)}")
-        if not v:
-            raise ValueError(f"list at least one projection of {list(ROLES)}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"projection listed twice in {v}")
-        return sorted(v, key=ROLES.index)
+        return check_roles(v)
 
     @model_validator(mode="after")
     def _budget_needs_spectrum(self):

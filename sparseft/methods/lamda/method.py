@@ -22,7 +22,7 @@ from sparseft.methods.base import Method, MethodContext, register
 from sparseft.methods.lamda.config import LamdaConfig
 from sparseft.methods.lamda.layers import NAMES, LamdaLinear
 from sparseft.methods.lamda.spectrum import allocate_ranks, effective_rank, singular_values, svd_start
-from sparseft.models.arch import ArchSpec, arch_of
+from sparseft.models.arch import ArchSpec, arch_of, set_module
 
 INIT_FILE = "lamda_init.safetensors"
 _STATE = "_lamda_state"  # attribute on a prepared model, for whichever Method instance exports it
@@ -43,11 +43,6 @@ def frozen_count(step: int, rank: int, start_step: int, end_step: int) -> int:
     if step < start_step:
         return 0
     return rank * (step - start_step) // (end_step - start_step)
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, module)
 
 
 @register
@@ -117,7 +112,7 @@ class Lamda(Method):
         model.requires_grad_(False)
         for p, m in linears.items():
             tensors = {n: start[f"{p}.{n}"] for n in NAMES if f"{p}.{n}" in start}
-            _set_module(model, p, LamdaLinear(m, scale=self.cfg.scale, **tensors))
+            set_module(model, p, LamdaLinear(m, scale=self.cfg.scale, **tensors))
         steps = ctx.recipe.train.max_steps
         fb = self.cfg.freeze_b
         setattr(model, _STATE, _Prepared(list(linears), round(fb.start * steps), round(fb.end * steps)))
@@ -185,7 +180,7 @@ class Lamda(Method):
     def merged(self, model: nn.Module) -> nn.Module:
         """Fold every adapter into its base weight (W + scale (B S - B0 S0) A) and drop the wrappers, in place."""
         for p, layer in self._layers(model):
-            _set_module(model, p, layer.unwrap())
+            set_module(model, p, layer.unwrap())
         delattr(model, _STATE)
         return model
 

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from sparseft.errors import UserError
 from sparseft.methods.base import MethodConfig
-from sparseft.models.arch import ROLES
+from sparseft.models.arch import check_roles
 
 
 class Budget(BaseModel):
@@ -85,11 +85,4 @@ class S2FTConfig(MethodConfig):
     @field_validator("projections")
     @classmethod
     def _known_roles(cls, v: list[str]) -> list[str]:
-        bad = [p for p in v if p not in ROLES]
-        if bad:
-            raise ValueError(f"unknown projection(s) {bad}; choose from {list(ROLES)}")
-        if not v:
-            raise ValueError(f"list at least one projection of {list(ROLES)}")
-        if len(set(v)) != len(v):
-            raise ValueError(f"projection listed twice in {v}")
-        return sorted(v, key=ROLES.index)  # canonical order: selections and adapters read the same whatever the recipe
+        return check_roles(v)

@@ -18,7 +18,7 @@ from sparseft.methods.s2ft.config import S2FTConfig
 from sparseft.methods.s2ft.layers import SliceLinear
 from sparseft.methods.s2ft.permute import Orders, expand, layer_orders, permute_model
 from sparseft.methods.s2ft.select import UNIT, check_selection, select_units, summary
-from sparseft.models.arch import ATTN_ROLES, COL_ROLES, ArchSpec, arch_of
+from sparseft.models.arch import ATTN_ROLES, COL_ROLES, ArchSpec, arch_of, set_module
 
 # Attribute on a prepared model: what merged() and save_adapter() need to undo prepare(), whichever Method instance
 # (the training run's or an exporter's) calls them.
@@ -35,11 +35,6 @@ class _Prepared:
 
 def _units(selection: dict, layer: int, role: str) -> list[int]:
     return sorted(selection["heads" if role in ATTN_ROLES else "channels"].get(str(layer), []))
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(model.get_submodule(parent), name, module)
 
 
 @register
@@ -73,7 +68,7 @@ class S2FT(Method):
                 if k == 0:
                     continue
                 kind = "cols" if role in COL_ROLES else "rows"
-                _set_module(model, spec.proj_path(layer, role), SliceLinear(spec.proj(model, layer, role), kind, k))
+                set_module(model, spec.proj_path(layer, role), SliceLinear(spec.proj(model, layer, role), kind, k))
                 wrapped.append((layer, role))
         setattr(model, _STATE, _Prepared(spec, selection, orders, wrapped))
         return model
@@ -90,7 +85,7 @@ class S2FT(Method):
         state = self._state(model)
         for layer, role in state.wrapped:
             path = state.spec.proj_path(layer, role)
-            _set_module(model, path, model.get_submodule(path).unwrap())
+            set_module(model, path, model.get_submodule(path).unwrap())
         permute_model(model, state.spec, state.orders, inverse=True)
         delattr(model, _STATE)
         return model

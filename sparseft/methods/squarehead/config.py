@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparseft.methods.base import MethodConfig
-from sparseft.models.arch import ROLES
+from sparseft.models.arch import ROLES, check_roles
 
 _NM = re.compile(r"^(\d+):(\d+)$")
 
@@ -114,12 +114,7 @@ class SquareHeadConfig(MethodConfig):
     @field_validator("roles")
     @classmethod
     def _roles(cls, v: list[str]) -> list[str]:
-        bad = [r for r in v if r not in ROLES]
-        if bad:
-            raise ValueError(f"unknown projection(s) {bad}; choose from {list(ROLES)}")
-        if not v or len(set(v)) != len(v):
-            raise ValueError(f"list each projection of {list(ROLES)} at most once, at least one")
-        return sorted(v, key=ROLES.index)
+        return check_roles(v)
 
     @model_validator(mode="after")
     def _consistent(self):
