@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from sparseft.models.loader import quiet_libraries
 from sparseft.models.tiny import ARCH_CONFIGS, build_tiny_model
 
 
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--corpus", nargs="*", default=[], help="jsonl files whose text the tokenizer is trained on")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    quiet_libraries()
 
     corpus = []
     for f in args.corpus:

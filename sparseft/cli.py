@@ -6,7 +6,6 @@ Exit codes: 0 done, 2 bad input (one message naming the key, file or row), 1 a f
 from __future__ import annotations
 
 import functools
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sparseft.errors import UserError
+from sparseft.models.loader import quiet_libraries
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Structured-sparse and memory-lean fine-tuning of LLMs, driven by YAML recipes.")
@@ -29,26 +29,13 @@ err_console = Console(stderr=True)
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.lr=1e-4", show_default=False)]
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import torch
-
-    if not torch.cuda.is_available():
-        # transformers imports DeepSpeed when it is installed; without this it warns that it fell back to the CPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def user_errors(fn):
     """Turn a UserError into its message and exit code 2; anything else is a bug and keeps its traceback (exit 1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            _quiet_libraries()
+            quiet_libraries()
             return fn(*args, **kwargs)
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
@@ -112,6 +99,11 @@ def validate(
     if recipe is None:
         raise UserError("validate: give a recipe file (or --explain)")
     r = load_recipe(recipe, overrides or [])
+    if r.distributed is not None and r.distributed.config is not None:
+        from sparseft.train.distributed import check_method_stage, resolve_ds_config, zero_stage
+        from sparseft.methods import build_method
+
+        check_method_stage(build_method(r.method), zero_stage(resolve_ds_config(r)))
     console.print(f"[green]ok[/] {recipe}: method {r.method.name}, model {r.model.path}, {r.train.max_steps} steps",
                   highlight=False)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -163,11 +162,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="method key=value (numbers parsed as JSON)")
     ap.add_argument("--adapters", type=int, default=8)
     args = ap.parse_args()
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import transformers
+    from sparseft.models.loader import quiet_libraries
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_libraries()
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")

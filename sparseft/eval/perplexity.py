@@ -8,14 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from sparseft.data import eval_batches
+from sparseft.infer.generate import model_device
 
 
 @torch.no_grad()
 def perplexity(model, examples, batch_size: int, pad_id: int, max_batches: int | None = None) -> dict:
     total_nll, total_tokens = 0.0, 0
+    device = model_device(model)
     for i, batch in enumerate(eval_batches(examples, batch_size, pad_id)):
         if max_batches is not None and i >= max_batches:
             break
+        batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # Position t predicts token t+1: (B, T-1, V) against (B, T-1).
         labels = batch["labels"][:, 1:]

@@ -12,6 +12,18 @@ from sparseft.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars, warnings meant for library authors) out of what users read."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        # transformers imports DeepSpeed when it is installed; without this it warns that it fell back to the CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 

@@ -17,7 +17,7 @@ import torch
 from sparseft.data import build_datasets, micro_batches
 from sparseft.errors import UserError
 from sparseft.eval.perplexity import perplexity
-from sparseft.eval.in_training import eval_step
+from sparseft.eval.in_training import EVAL_FILE, eval_step
 from sparseft.methods import MethodContext, build_method
 from sparseft.models import load_model, load_tokenizer
 from sparseft.recipe import Recipe, recipe_to_yaml
@@ -164,7 +164,7 @@ def prepare_run_dir(run: RunDir, recipe: Recipe, resume: bool, overwrite: bool) 
                             "--overwrite to replace it, or another train.output_dir")
         for p in (run.checkpoints, run.final):
             shutil.rmtree(p, ignore_errors=True)
-        for p in (run.metrics, run.selection, run.path / "summary.json", run.path / "loss.png"):
+        for p in (run.metrics, run.selection, run.path / "summary.json", run.path / "loss.png", run.path / EVAL_FILE):
             p.unlink(missing_ok=True)
     run.path.mkdir(parents=True, exist_ok=True)
     run.recipe.write_text(text)
