@@ -139,6 +139,16 @@ def test_run_dir_taken(tmp_path, tiny_model_dir):
     assert_user_error(run("train", recipe), "train.output_dir", "--overwrite")
 
 
+def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path, tiny_model_dir("llama"), train={"max_steps": 1})
+    assert run("train", recipe).exit_code == 0
+    final = (tmp_path / "run" / "final" / "trainable.safetensors").read_bytes()
+    (tmp_path / "train.jsonl").write_text(GOOD + "\n" + json.dumps({"prompt": "2 + 2 ="}) + "\n")
+    assert_user_error(run("train", recipe, "--overwrite"), "row 2", "completion")
+    assert (tmp_path / "run" / "final" / "trainable.safetensors").read_bytes() == final
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_eval_bad_adapter_and_gate(tmp_path, tiny_model_dir):
     model = tiny_model_dir("llama")
     data = write_recipe(tmp_path, model) and tmp_path / "val.jsonl"

@@ -49,8 +49,6 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     t = recipe.train
     run = RunDir(Path(t.output_dir))
     ranks = start_ranks()
-    # Rank 0 checks and prepares the run directory; the others wait for its answer (or are stopped with it).
-    ckpt = ranks.broadcast(prepare_run_dir(run, recipe, resume, overwrite) if ranks.is_main else None)
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code,
@@ -58,6 +56,9 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     data = build_datasets(recipe.data, tokenizer, seed=t.seed)
     model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
     pad_id = tokenizer.pad_token_id
+    # Only once the model and every data row have loaded (so bad input never costs an old run with --overwrite),
+    # rank 0 checks and prepares the run directory; the others wait for its answer (or are stopped with it).
+    ckpt = ranks.broadcast(prepare_run_dir(run, recipe, resume, overwrite) if ranks.is_main else None)
 
     def calibration(n: int):  # global batches: a selection does not depend on how many ranks share them
         return itertools.islice(micro_batches(data.train, t.micro_batch_size * ranks.world, t.seed, 0, pad_id), n)
