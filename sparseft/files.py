@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -23,6 +24,19 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_json_object(path: Path, where: str) -> dict:
+    """A JSON file that must hold an object; a UserError starting with `where` when it does not parse or is not one."""
+    from sparseft.errors import UserError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{where}: must be a JSON object")
+    return data
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

@@ -12,7 +12,7 @@ import torch
 
 import sparseft
 from sparseft.errors import UserError
-from sparseft.files import atomic_dir
+from sparseft.files import atomic_dir, read_json_object
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
@@ -45,12 +45,7 @@ def read_adapter(path: str | Path, method: str | None = None) -> tuple[dict, dic
         raise UserError(f"adapter {d}: no such directory")
     if not cfg_path.is_file():
         raise UserError(f"adapter {d}: {CONFIG_NAME} is missing")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"adapter {cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"adapter {cfg_path}: must be a JSON object")
+    cfg = read_json_object(cfg_path, f"adapter {cfg_path}")
     if "peft_type" in cfg and "method" not in cfg:
         cfg = {**cfg, "method": "lora"}
     for key in ("method", "base_model"):

@@ -14,7 +14,6 @@ A run is the same computation on one process and on N ranks at the same global b
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -27,6 +26,7 @@ import torch.nn as nn
 
 from sparseft.data import IGNORE, Example, collate, sample_index
 from sparseft.errors import UserError
+from sparseft.files import read_json_object
 from sparseft.recipe import Recipe
 from sparseft.train.optim import build_optimizer, lr_factor
 
@@ -165,12 +165,7 @@ def read_ds_config(recipe: Recipe) -> tuple[dict, str]:
     if not path.is_file():
         raise UserError(f"distributed.config={given}: no such file (bundled configs: "
                         f"{', '.join('configs/' + n for n in bundled_configs())})")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"distributed.config={given}: not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"distributed.config={given}: must be a JSON object")
+    config = read_json_object(path, f"distributed.config={given}")
     return config, f"distributed.config={given}: "
 
 
