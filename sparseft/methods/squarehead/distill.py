@@ -22,13 +22,38 @@ from sparseft.models.arch import arch_of
 from sparseft.train.loss import causal_lm_loss
 
 
+def squared_error(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """sum((s - t)^2) over the tokens where `tokens` (B, T) is true; s, t: (B, T, H). In fp32."""
+    m = tokens.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
+    return ((student.float() - teacher.float()).pow(2) * m).sum()
+
+
+def teacher_energy(teacher: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """sum(t^2) over the tokens where `tokens` is true: the SquareHead term's normaliser (no gradient needed)."""
+    m = tokens.to(torch.float32).unsqueeze(-1)
+    return (teacher.float().pow(2) * m).sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def squarehead_term(student: torch.Tensor, teacher: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """mean((s - t)^2) / mean(t^2) over the tokens where `tokens` (B, T) is true; s, t: (B, T, H). In fp32."""
-    m = tokens.to(torch.float32).unsqueeze(-1)  # (B, T, 1)
-    s, t = student.float(), teacher.float()
-    num = ((s - t).pow(2) * m).sum()
-    den = (t.pow(2) * m).sum()
-    return num / den.clamp_min(torch.finfo(torch.float32).tiny)
+    return squared_error(student, teacher, tokens) / teacher_energy(teacher, tokens)
+
+
+def across_ranks(energies: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float, int]:
+    """Make the term the global micro-batch's ratio under data parallelism: (energies summed over ranks, the factor
+    that undoes the trainer's token-share weighting of this rank's loss, the number of ranks).
+
+    sparseft/train/distributed.py weights each rank's loss by n_r / N (its share of the loss tokens), which turns
+    token means into the global token mean. This term is a ratio of sums instead, so each rank contributes
+    sum_r((s - t)^2) / sum_all(t^2) * N / n_r, and the weighted average is exactly the one-process value."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return energies, 1.0, 1
+    n = (batch["labels"][:, 1:] != -100).sum().to(torch.float64).view(1)
+    packed = torch.cat([energies.double(), n])
+    dist.all_reduce(packed)
+    return packed[:-1].to(energies.dtype), float(packed[-1]) / max(float(n), 1.0), dist.get_world_size()
 
 
 def kd_term(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
@@ -75,20 +100,27 @@ class Distiller:
         tokens = attn.bool()  # (B, T)
         want_sq, want_kd = self.w.squarehead > 0, self.w.kd > 0
         states: list[torch.Tensor | None] = []
+        energies: list[torch.Tensor] = []
         t_logits = None
         if want_sq or want_kd:
             teacher = self.teacher(ids.device)
             with torch.no_grad():
                 if want_sq:
-                    with on_block_outputs(teacher, lambda i, out: states.append(out)):
+                    def keep(i: int, out: torch.Tensor) -> None:
+                        states.append(out)
+                        energies.append(teacher_energy(out, tokens))
+
+                    with on_block_outputs(teacher, keep):
                         t_logits = self._teacher_forward(teacher, ids, attn, want_kd)
                 else:
                     t_logits = self._teacher_forward(teacher, ids, attn, True)
+        if want_sq:
+            energy, rank_factor, world = across_ranks(torch.stack(energies), batch)
 
         terms: list[torch.Tensor] = []
 
         def match(i: int, out: torch.Tensor) -> None:
-            terms.append(squarehead_term(out, states[i], tokens))
+            terms.append(squared_error(out, states[i], tokens) / energy[i])
             states[i] = None  # this teacher state is no longer needed
 
         with on_block_outputs(_inner(model), match) if want_sq else nullcontext():
@@ -102,9 +134,9 @@ class Distiller:
         loss = self.w.ce * ce if self.w.ce > 0 else ce.new_zeros(())
         logs = {"ce": float(ce.detach())}
         if want_sq:
-            sq = torch.stack(terms).sum()
-            loss = loss + self.w.squarehead * sq
-            logs["squarehead"] = float(sq.detach())
+            sq = torch.stack(terms).sum()  # this rank's share of the global batch's term (all of it on one process)
+            loss = loss + self.w.squarehead * sq * rank_factor
+            logs["squarehead"] = float(sq.detach()) * world  # the trainer logs the mean over ranks: the global term
         if want_kd:
             kd = kd_term(s_logits, t_logits, tokens, self.w.temperature)
             loss = loss + self.w.kd * kd
