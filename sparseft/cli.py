@@ -86,7 +86,8 @@ def validate(
     overrides: Overrides = None,
     explain: Annotated[bool, typer.Option(help="List every recipe key with its default and help.")] = False,
 ):
-    """Check a recipe without loading a model: every problem at once, each with its key path."""
+    """Check a recipe (or an eval task file) without loading a model: every problem at once, each with its key path."""
+    from sparseft.eval.tasks import is_task_file, load_task
     from sparseft.recipe import explain as explain_keys, load_recipe
 
     if explain:
@@ -98,6 +99,10 @@ def validate(
             return
     if recipe is None:
         raise UserError("validate: give a recipe file (or --explain)")
+    if is_task_file(recipe):
+        task = load_task(recipe, key="task")
+        console.print(f"[green]ok[/] {recipe}: eval task {task.name}", highlight=False)
+        return
     r = load_recipe(recipe, overrides or [])
     if r.distributed is not None and r.distributed.config is not None:
         from sparseft.train.distributed import check_method_stage, resolve_ds_config, zero_stage

@@ -33,3 +33,19 @@ def test_recipes_ls_and_cp(tmp_path):
     assert again.exit_code == 2 and "exists already" in again.output
     unknown = runner.invoke(app, ["recipes", "cp", "nope", str(tmp_path)])
     assert unknown.exit_code == 2 and "not bundled" in unknown.output
+
+
+TASKS = sorted((RECIPES[0].parent / "tasks").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TASKS, ids=[p.stem for p in TASKS])
+def test_validate_recognises_task_files(path):
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 0 and f"eval task {path.stem}" in result.output, result.output
+
+
+def test_validate_names_a_bad_task_key(tmp_path):
+    bad = tmp_path / "t.yaml"
+    bad.write_text("metric: exact_match\ndata: x.jsonl\ncolour: red\n")
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2 and "colour: unknown key" in result.output

@@ -139,6 +139,15 @@ def validate_task(data: object, name: str, source: str = "task") -> Task:
     return task if task.name else task.model_copy(update={"name": name})
 
 
+def is_task_file(path: str | Path) -> bool:
+    """A YAML mapping with a `metric` and no `model` section is an eval task, not a recipe (for `sparseft validate`)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # the recipe loader reports what is wrong with it
+    return isinstance(data, dict) and "metric" in data and "model" not in data
+
+
 def load_task(path: str | Path, key: str = "--task") -> Task:
     """Read and validate a task file; its name defaults to the file name."""
     p = Path(path)
