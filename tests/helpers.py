@@ -7,6 +7,21 @@ import random
 from pathlib import Path
 
 import yaml
+from typer.testing import CliRunner
+
+from sparseft.cli import app
+
+
+def cli(*args):
+    """Run the real `sparseft` command in-process; it must succeed."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def records(run: Path) -> list[dict]:
+    """The run directory's metrics.jsonl, one dict a line."""
+    return [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines()]
 
 
 def write_arith(path: Path, n: int, seed: int = 0) -> Path:

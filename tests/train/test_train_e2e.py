@@ -13,15 +13,9 @@ from typer.testing import CliRunner
 
 from sparseft.cli import app
 from sparseft.export.run import load_run
-from tests.helpers import write_recipe
+from tests.helpers import cli, write_recipe
 
 runner = CliRunner()
-
-
-def cli(*args: str):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
 
 
 def _ids():

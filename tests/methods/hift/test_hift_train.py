@@ -3,7 +3,6 @@ in the middle of a cycle continues it exactly, and the merged export is a plain 
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -16,19 +15,9 @@ from sparseft.cli import app
 from sparseft.export.run import load_run
 from sparseft.recipe import load_recipe
 from sparseft.train.optim import lr_factor
-from tests.helpers import write_recipe
+from tests.helpers import cli, records, write_recipe
 
 runner = CliRunner()
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def records(run) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_trains_follows_the_schedule_and_exports_merged(tmp_path, tiny_model_dir):

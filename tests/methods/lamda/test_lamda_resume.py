@@ -11,10 +11,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from sparseft.cli import app
-from tests.helpers import write_recipe
+from tests.helpers import cli, write_recipe
 
 # r 6 over q, v, down of 2 layers (LaMDA++ budget 36); B freezes from step 2 and wholly at step 8 of 10.
 METHOD = {"name": "lamda", "r": 6, "rank_allocation": "spectrum", "init": "spectrum", "projections": ["q", "v", "down"],
@@ -22,12 +20,6 @@ METHOD = {"name": "lamda", "r": 6, "rank_allocation": "spectrum", "init": "spect
 TRAIN = {"max_steps": 10, "save_every": 4, "grad_accum_steps": 2, "weight_decay": 0.1, "lr": 5e-3, "warmup_steps": 2,
          "schedule": "linear"}
 GOLDEN = [5.97144, 5.92206, 5.90103, 5.93467, 5.83554, 5.85981, 5.83242, 5.84237, 5.83921, 5.862]
-
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
 
 
 def test_resume_mid_freeze_export_and_eval(tmp_path, tiny_model_dir):

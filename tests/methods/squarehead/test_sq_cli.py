@@ -12,25 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
-from sparseft.cli import app
 from sparseft.methods.squarehead.prune import prune_count
 from sparseft.models.arch import ROLES, arch_of
-from tests.helpers import write_recipe
+from tests.helpers import cli, records, write_recipe
 
-runner = CliRunner()
 GOLDEN_24 = [6.09403, 5.94048, 5.81054]  # loss (ce + squarehead) of the 2:4 run's three steps
-
-
-def cli(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output + repr(result.exception)
-    return result
-
-
-def records(run) -> list[dict]:
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def block_weights(model) -> dict[str, torch.Tensor]:
