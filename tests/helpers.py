@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -17,6 +18,16 @@ def cli(*args):
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, result.output + repr(result.exception)
     return result
+
+
+def random_batches(vocab: int, n: int, batch: int = 2, length: int = 12, seed: int = 0) -> list[dict]:
+    """n seeded batches of random token ids (ids from 4 up: the special tokens stay out), every token labelled."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(4, vocab, (batch, length), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
 
 
 def records(run: Path) -> list[dict]:

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sparseft.models.arch import ROLES
 from tests.eval.evallib import write_jsonl, write_task
 from tests.helpers import write_arith
-from tests.methods.s2ft.s2ft_testlib import context, random_batches, s2ft
+from tests.helpers import random_batches
+from tests.methods.s2ft.s2ft_testlib import context, s2ft
 
 
 def _train_adapter(base_dir: str, out, seed: int):

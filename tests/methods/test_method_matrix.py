@@ -12,6 +12,7 @@ from sparseft.methods import MethodContext, build_method, method_names
 from sparseft.models import load_model
 from sparseft.recipe import validate_recipe_data
 from sparseft.train.optim import Engine
+from tests.helpers import random_batches
 
 # Small settings where a method's defaults are sized for real models; every other method runs on its defaults.
 # squarehead: the test's lr (1e-2, AdamW) moves every weight of this random 64-wide model by half its scale in one step,
@@ -21,9 +22,7 @@ SMALL = {"lora": {"r": 4}, "s2ft": {"heads": {"count": 1}}, "squarehead": {"loss
 
 
 def _batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, vocab, (4, 12), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return random_batches(vocab, 1, batch=4, seed=seed)[0]
 
 
 @pytest.mark.parametrize("name", method_names())

@@ -7,6 +7,7 @@ import torch
 from sparseft.methods import MethodContext, build_method
 from sparseft.recipe import validate_recipe_data
 from sparseft.train.optim import Engine
+from tests.helpers import random_batches
 
 
 def recipe(method: dict | None = None, **train):
@@ -16,15 +17,6 @@ def recipe(method: dict | None = None, **train):
         "train": {"max_steps": 100, "lr": 1e-2, "seed": 0, **train},
         "method": method or {"name": "hift"},
     })
-
-
-def random_batches(vocab: int, n: int, batch: int = 2, length: int = 10, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(4, vocab, (batch, length), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
 
 
 def prepared(model, method: dict | None = None, **train):
@@ -43,7 +35,7 @@ class Driver:
         self.model.train()
         t = self.recipe.train
         self.engine = Engine(self.model, self.method.optimizer_param_groups(self.model, t.weight_decay), t)
-        self.batches = random_batches(self.model.config.vocab_size, 64)
+        self.batches = random_batches(self.model.config.vocab_size, 64, length=10)
         self.step = 0
 
     def run_step(self) -> dict:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sparseft.methods.hift import HiFT
-from tests.methods.hift.hift_testlib import Driver, prepared, random_batches
+from tests.helpers import random_batches
+from tests.methods.hift.hift_testlib import Driver, prepared
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -41,7 +42,7 @@ def test_backward_stops_below_the_lowest_active_unit(load, group, trained_blocks
     hooks = [blk.register_forward_hook(lambda mod, inp, out, i=i: graph.__setitem__(i, out[0].requires_grad
                                        if isinstance(out, tuple) else out.requires_grad))
              for i, blk in enumerate(model.model.layers)]
-    batch = random_batches(model.config.vocab_size, 1)[0]
+    batch = random_batches(model.config.vocab_size, 1, length=10)[0]
     loss, _ = method.compute_loss(model, batch)
     for h in hooks:
         h.remove()

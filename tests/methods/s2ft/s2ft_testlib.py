@@ -6,6 +6,7 @@ import torch
 
 from sparseft.methods import MethodContext, build_method
 from sparseft.recipe import validate_recipe_data
+from tests.helpers import random_batches
 
 
 def recipe(model_path: str = "unused", **method):
@@ -15,15 +16,6 @@ def recipe(model_path: str = "unused", **method):
         "train": {"max_steps": 1, "lr": 1e-3, "seed": 0},
         "method": {"name": "s2ft", **method},
     })
-
-
-def random_batches(vocab: int, n_batches: int, batch: int = 2, length: int = 12, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n_batches):
-        ids = torch.randint(4, vocab, (batch, length), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
 
 
 def context(model, logs: list | None = None, **method) -> MethodContext:

@@ -17,7 +17,8 @@ from sparseft.export.sparse_adapters import (apply_adapters, fuse, load_sparse_a
 from sparseft.methods.s2ft.layers import SliceLinear
 from sparseft.methods.s2ft.permute import expand
 from sparseft.models.arch import ATTN_ROLES, ROLES, arch_of
-from tests.methods.s2ft.s2ft_testlib import context, logits, random_batches, s2ft
+from tests.helpers import random_batches
+from tests.methods.s2ft.s2ft_testlib import context, logits, s2ft
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 IDS = torch.randint(4, 400, (3, 10), generator=torch.Generator().manual_seed(1))
