@@ -14,6 +14,7 @@ A run is the same computation on one process and on N ranks at the same global b
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -266,6 +267,7 @@ class DeepSpeedEngine:
         if not self.params:
             raise RuntimeError("the method left no parameter to train")
         self._group_sizes = [len(g["params"]) for g in param_groups]  # DeepSpeed replaces the groups' params
+        self._group_of = [gi for gi, n in enumerate(self._group_sizes) for _ in range(n)]  # param index -> its group
         self.config = resolve_ds_config(recipe, ranks.world)
         self.stage = zero_stage(self.config)
         if method is not None:
@@ -333,32 +335,34 @@ class DeepSpeedEngine:
 
     def state_dict(self) -> dict:
         """Optimizer and schedule state as `Engine.state_dict` has it: a torch optimizer state_dict over the
-        trainable parameters in param-group order, each state tensor full-size. Under bf16 DeepSpeed also keeps fp32
-        master weights; they are saved too (`master`), so resuming continues from them exactly."""
+        trainable parameters in param-group order, each state tensor full-size, and no entry for a parameter whose
+        state does not exist (it never stepped, or a method freed it). Under bf16 DeepSpeed also keeps fp32 master
+        weights; they are saved too (`master`), so resuming continues from them exactly."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         base = self.optimizer
         self._link_state_fragments()
-        flat_states = [s for s in base.state.values() if s]
-        tensor_keys = sorted(k for k, v in flat_states[0].items() if torch.is_tensor(v) and v.dim() > 0) \
-            if flat_states else []
-        scalars = {k: v for k, v in flat_states[0].items() if k not in tensor_keys} if flat_states else {}
         state = {}
-        for i, p in enumerate(self.params):
-            entry = {}
-            for key in tensor_keys:
-                full = safe_get_full_optimizer_state(p, key) if _partitioned(p) else base.state[p][key]
-                entry[key] = full.detach().to("cpu", copy=True).reshape(_shape(p))
-            entry.update({k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()})
-            state[i] = entry
+        with _requiring_grad(self.params):
+            for i, p in enumerate(self.params):
+                entry = {}
+                for key, value in self._state_of(i, p).items():
+                    if torch.is_tensor(value) and value.dim() > 0:  # moments: full-size, gathered from the partitions
+                        full = safe_get_full_optimizer_state(p, key) if _partitioned(p) else value
+                        entry[key] = full.detach().to("cpu", copy=True).reshape(_shape(p))
+                    else:  # AdamW's step: one for the whole flat partition, so for each of its parameters
+                        entry[key] = value.clone() if torch.is_tensor(value) else value
+                if entry:
+                    state[i] = entry
         groups, start = [], 0
         for g, n in zip(base.param_groups, self._group_sizes):
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(start, start + n))})
             start += n
         out = {"optimizer": {"state": state, "param_groups": groups}, "scheduler": self.scheduler.state_dict()}
         if self.config["bf16"]["enabled"]:
-            out["master"] = {i: safe_get_full_fp32_param(p).detach().to("cpu", copy=True).reshape(_shape(p))
-                             for i, p in enumerate(self.params)}
+            with _requiring_grad(self.params):
+                out["master"] = {i: safe_get_full_fp32_param(p).detach().to("cpu", copy=True).reshape(_shape(p))
+                                 for i, p in enumerate(self.params)}
         return out
 
     def load_state_dict(self, state: dict) -> None:
@@ -372,34 +376,47 @@ class DeepSpeedEngine:
         for group, saved in zip(self.optimizer.param_groups, opt["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         saved_state = opt["state"]
-        if saved_state:
-            first = next(iter(saved_state.values()))
-            tensor_keys = sorted(k for k, v in first.items() if torch.is_tensor(v) and v.dim() > 0)
-            scalars = {k: v for k, v in first.items() if k not in tensor_keys}
-            self._materialize_optimizer_state(tensor_keys, scalars)
-            for i, p in enumerate(self.params):
-                for key in tensor_keys:
-                    value = saved_state[i][key].to(self.device)
+        self._materialize_optimizer_state(saved_state)
+        with _requiring_grad(self.params):
+            for i, entry in saved_state.items():
+                p = self.params[i]
+                for key, value in entry.items():
+                    if not (torch.is_tensor(value) and value.dim() > 0):
+                        continue
                     if _partitioned(p):
-                        safe_set_full_optimizer_state(p, value, key)
+                        safe_set_full_optimizer_state(p, value.to(self.device), key)
                     else:
                         self.optimizer.state[p][key].copy_(value)
-        for i, p in enumerate(self.params):
-            if "master" in state and _partitioned(p):
-                safe_set_full_fp32_param(p, state["master"][i].to(self.device))
+            for i, p in enumerate(self.params):
+                if "master" in state and _partitioned(p):
+                    safe_set_full_fp32_param(p, state["master"][i].to(self.device))
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def _materialize_optimizer_state(self, tensor_keys: list[str], scalars: dict) -> None:
+    def _holders(self, i: int) -> list[torch.Tensor]:
+        """What the optimizer steps for parameter `i`: the parameter itself (stage 0 in fp32), its group's flat
+        partition on this rank (ZeRO-1/2, DeepSpeed's bf16 optimizer), or its sub-group's flat partition (ZeRO-3
+        keeps those itself; the optimizer's groups are empty between steps)."""
+        p, held = self.params[i], self.optimizer.param_groups[self._group_of[i]]["params"]
+        if any(q is p for q in held):
+            return [p]
+        if hasattr(p, "ds_id"):
+            z3 = self.ds_optimizer
+            return [z3.fp32_partitioned_groups_flat[z3.grad_position[z3.get_param_id(p)][0]]]
+        return held
+
+    def _state_of(self, i: int, p: nn.Parameter) -> dict:
+        """The optimizer state holding parameter `i`'s entries ({} when there is none). Its tensors are this rank's
+        partition; safe_get_full_optimizer_state gives a parameter's full slice of them."""
+        return next((s for s in map(self.optimizer.state.get, self._holders(i)) if s), {})
+
+    def _materialize_optimizer_state(self, saved_state: dict) -> None:
         """torch optimizers create their state at the first step, and ZeRO links each parameter's view of it only
-        then; before loading into it, create it (zeros) for every flat partition the optimizer steps and link it."""
-        base = self.optimizer
-        # ZeRO-3 keeps its flat fp32 partitions itself (the optimizer's groups are empty between steps); ZeRO-1/2
-        # and DeepSpeed's bf16 optimizer put them in the groups; stage 0 in fp32 steps the parameters themselves.
-        flats = getattr(self.ds_optimizer, "fp32_partitioned_groups_flat", None) or \
-            [p for g in base.param_groups for p in g["params"]]
-        for flat in flats:
-            base.state[flat] = {**{k: torch.zeros_like(flat) for k in tensor_keys},
-                                **{k: v.clone() if torch.is_tensor(v) else v for k, v in scalars.items()}}
+        then; before loading into it, create it (zeros, and the saved scalars such as AdamW's step) for what steps
+        each saved parameter, and link it."""
+        holders = {id(flat): (flat, entry) for i, entry in saved_state.items() for flat in self._holders(i)}
+        for flat, entry in holders.values():
+            self.optimizer.state[flat] = {k: torch.zeros_like(flat) if torch.is_tensor(v) and v.dim() > 0
+                                          else (v.clone() if torch.is_tensor(v) else v) for k, v in entry.items()}
         self._link_state_fragments()
 
     def _link_state_fragments(self) -> None:
@@ -410,7 +427,7 @@ class DeepSpeedEngine:
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is not None:
                 flat = self.optimizer.param_groups[mapping.param_group_index]["params"][0]
-                mapping.set_optim_state_fragment(flat, self.optimizer.state[flat])
+                mapping.set_optim_state_fragment(flat, self.optimizer.state.get(flat, {}))
 
 
 class _Forward(nn.Module):
@@ -432,6 +449,35 @@ class _Forward(nn.Module):
             return self.model(*args, **kwargs)
         loss, self.logs = loss_fn(self.model, *args)
         return loss
+
+
+@contextlib.contextmanager
+def full_parameters(params: Sequence[nn.Parameter], modify: bool = False):
+    """Inside, each of `params` holds its full value, also where DeepSpeed ZeRO-3 keeps only a partition of it
+    outside the forward pass (a collective there: every rank enters alike). With modify=True, what rank 0 writes is
+    kept on every rank; the optimizer's fp32 master copy is not changed. Elsewhere this does nothing."""
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modify else None):
+        yield
+
+
+@contextlib.contextmanager
+def _requiring_grad(params: list[nn.Parameter]):
+    """Every parameter requires grad inside: DeepSpeed 0.19's ZeRO-3 reads and writes no optimizer state for one that
+    does not (a method may have frozen it for a step: HiFT's waiting groups, LaMDA's B)."""
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
 
 
 def _partitioned(p: torch.Tensor) -> bool:

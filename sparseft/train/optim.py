@@ -26,11 +26,29 @@ def lr_factor(step: int, t: TrainSection) -> float:
     return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
 
 
+def skip_inactive_groups(optimizer: torch.optim.Optimizer, args=None, kwargs=None) -> None:
+    """Step pre-hook: a param group whose `active` is False takes no step, so its parameters keep their values and
+    optimizer state.
+
+    torch optimizers already skip a parameter whose `.grad` is None, which is how a method that freezes part of the
+    model between steps (HiFT) keeps it out of a step in one process. DeepSpeed's ZeRO hands the optimizer one flat
+    partition a param group, with a gradient (zeros for what did not train) on each; a method marks such a group
+    inactive instead, and this drops its gradients before the step.
+    """
+    for group in optimizer.param_groups:
+        if group.get("active", True) is False:
+            for p in group["params"]:
+                p.grad = None
+
+
 def build_optimizer(param_groups: list[dict], t: TrainSection) -> torch.optim.Optimizer:
     if t.optimizer == "sgd":
-        return torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum)
-    # foreach=False keeps the step's temporary memory per tensor instead of per parameter list.
-    return torch.optim.AdamW(param_groups, lr=t.lr, betas=t.betas, foreach=False)
+        optimizer = torch.optim.SGD(param_groups, lr=t.lr, momentum=t.momentum)
+    else:
+        # foreach=False keeps the step's temporary memory per tensor instead of per parameter list.
+        optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.betas, foreach=False)
+    optimizer.register_step_pre_hook(skip_inactive_groups)
+    return optimizer
 
 
 class Engine:
