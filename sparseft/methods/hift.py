@@ -7,15 +7,24 @@ shared weight makes the embeddings and the head one unit, placed at the bottom).
 One step trains one group:
 - Only its parameters require grad, so autograd computes no weight gradient for the others and keeps no activations
   for them below the lowest active unit: nothing under it is in the graph, and the backward pass ends there.
-- torch optimizers skip parameters whose `.grad` is None, so an inactive parameter gets no update, no weight decay and no
-  momentum step. Its optimizer state (AdamW keeps a `step` per parameter, so bias correction counts the updates that
-  parameter has had) exists only once it has trained, and between its turns it is held here, in CPU memory when
-  `offload` is on, not by the optimizer on the compute device. On a CPU-only run moving it is free: no copy is made.
+- Each group is its own optimizer param group (two: with and without weight decay), marked `active` for the step it
+  trains. torch optimizers skip parameters whose `.grad` is None, and the trainer's optimizer skips inactive groups
+  (sparseft/train/optim.py), so an inactive parameter gets no update, no weight decay and no momentum step, also
+  under DeepSpeed ZeRO, which hands the optimizer a gradient for every group.
+- In one process a parameter's optimizer state (AdamW keeps a `step` per parameter, so bias correction counts the
+  updates that parameter has had) exists only once it has trained, and between its turns it is held here, in CPU
+  memory when `offload` is on, not by the optimizer on the compute device. On a CPU-only run moving it is free: no
+  copy is made.
 - The learning-rate schedule is the trainer's, over optimizer steps: step k runs at lr * lr_factor(k) whichever group
   is active, and warmup and decay end at train.max_steps. (HiFT's public code advanced its scheduler once a cycle but
   sized it for every step, so its LR barely decayed.)
 - The group is set in on_step_start, before the step's micro-batches, so gradient accumulation sums every micro-batch
   into the same group.
+
+On DeepSpeed (data parallelism, ZeRO-1, -2 and -3) every weight requires grad when the engine is built, so ZeRO
+holds all of them, each HiFT group in flat partitions of its own. Its optimizer state is partitioned across ranks rather
+than parked here (it lives in those partitions, which the method does not move), and the groups that wait are left out
+of the step by their `active` flag.
 """
 
 from __future__ import annotations
@@ -82,7 +91,6 @@ def group_units(n_units: int, group_size: int) -> list[list[int]]:
 class HiFT(Method):
     config_cls = HiFTConfig
     cfg: HiFTConfig
-    zero_stages = ()  # ZeRO fixes the trainable set at start; HiFT changes it every step
 
     def __init__(self, cfg: HiFTConfig):
         super().__init__(cfg)
@@ -98,22 +106,20 @@ class HiFT(Method):
     # --- before training -------------------------------------------------------------------------------------------
     def select(self, model: nn.Module, ctx: MethodContext) -> dict:
         recipe = ctx.recipe
-        if recipe is not None and recipe.distributed is not None and recipe.distributed.config is not None:
-            raise UserError("method.name=hift: runs in a single process; unset distributed.config (DeepSpeed ZeRO "
-                            "fixes the set of trainable parameters at start, HiFT changes it every step)")
         seed = self.cfg.seed if self.cfg.seed is not None else (recipe.train.seed if recipe is not None else 0)
         units = build_units(model)
         return {"units": units, "groups": group_units(len(units), self.cfg.group_size), "seed": seed}
 
     def prepare(self, model: nn.Module, selection: dict, ctx: MethodContext) -> nn.Module:
-        """Freeze every weight; on_step_start unfreezes the group of each step."""
+        """Learn the groups. Every weight requires grad until the first step, so an engine built now (DeepSpeed's ZeRO
+        flattens only weights that require grad) holds them all; on_step_start freezes all groups but the step's."""
+        model.requires_grad_(True)
         params = dict(model.named_parameters())
         units = selection["units"]
         listed = [n for u in units for n in u["params"]]
         if sorted(listed) != sorted(params):
             raise UserError("hift: the run's selection.json does not list the model's parameters once each "
                             "(was model.path changed?)")
-        model.requires_grad_(False)
         self._groups = [[(n, params[n]) for u in group for n in units[u]["params"]] for group in selection["groups"]]
         self._name_of = {id(p): n for n, p in params.items()}
         self._seed = int(selection["seed"])
@@ -127,6 +133,17 @@ class HiFT(Method):
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Every weight trains (one group a step), so all of them are the optimizer's and every checkpoint's."""
         return dict(model.named_parameters())
+
+    def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """Each group's weights as their own param groups (decayed matrices, undecayed biases and norms), tagged with
+        the group (`hift_group`), so the step can leave out every group but the active one."""
+        out = []
+        for g, group in enumerate(self._groups):
+            decay = [p for _, p in group if p.ndim >= 2]
+            no_decay = [p for _, p in group if p.ndim < 2]
+            out += [{"params": ps, "weight_decay": wd, "hift_group": g, "active": True}
+                    for ps, wd in ((decay, weight_decay), (no_decay, 0.0)) if ps]
+        return out
 
     # --- the order -------------------------------------------------------------------------------------------------
     @property
@@ -165,6 +182,9 @@ class HiFT(Method):
                 p.requires_grad_(i == g)
                 if i != g:
                     p.grad = None  # a kept gradient would make the optimizer update (decay, momentum) a frozen weight
+        for pg in optimizer.param_groups:
+            if "hift_group" in pg:
+                pg["active"] = pg["hift_group"] == g
         self._swap_state(optimizer, g)
         self._active = g
 
@@ -174,8 +194,13 @@ class HiFT(Method):
 
     def _swap_state(self, optimizer: torch.optim.Optimizer, g: int) -> None:
         """Park the optimizer state of every inactive parameter, then hand the active group's parked state back
-        (parking first, so the compute device never holds both)."""
+        (parking first, so the compute device never holds both). Only state the optimizer keeps per model weight is
+        parked: under ZeRO it lives in flat partitions, partitioned across ranks already."""
         active = {id(p) for _, p in self._groups[g]}
+        if self._parked and not any(id(p) in self._name_of for pg in optimizer.param_groups for p in pg["params"]):
+            raise UserError("hift: this checkpoint was written by a single process (or at ZeRO stage 0), which keeps "
+                            "the waiting groups' optimizer state with HiFT, weight by weight; ZeRO cannot take it in. "
+                            "Resume it in one process (without --nproc / --hostfile)")
         for p in [p for p in optimizer.state if id(p) not in active and id(p) in self._name_of]:
             state = optimizer.state.pop(p)
             if state:

@@ -7,9 +7,8 @@ import json
 import pytest
 
 from sparseft.errors import UserError
-from sparseft.methods import MethodContext, build_method
 from sparseft.methods.hift import build_units, group_units
-from sparseft.recipe import load_recipe, validate_recipe_data
+from sparseft.recipe import load_recipe
 from tests.methods.hift.hift_testlib import prepared, recipe
 
 
@@ -73,11 +72,20 @@ def test_order_follows_the_strategy(load):
     assert [m.group_at(s) for s in range(8)] == [g for c in random_order(1)[:2] for g in c]
 
 
-def test_prepare_freezes_everything_and_lists_every_weight_as_trainable(load):
+def test_prepare_lists_every_weight_as_trainable_in_one_param_group_pair_per_group(load):
     model = load("llama")
-    method, model, _ = prepared(model, {"name": "hift"})
-    assert not any(p.requires_grad for p in model.parameters())
+    method, model, _ = prepared(model, {"name": "hift", "group_size": 2})
+    # Every weight requires grad until the first step (so an engine built now holds them all) ...
+    assert all(p.requires_grad for p in model.parameters())
     assert list(method.trainable_parameters(model)) == [n for n, _ in model.named_parameters()]
+    # ... and each group is its own pair of param groups (decayed matrices, undecayed vectors), tagged with it.
+    groups = method.optimizer_param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in range(method.num_groups):
+        mine = [pg for pg in groups if pg["hift_group"] == g]
+        assert {names[id(p)] for pg in mine for p in pg["params"]} == set(method.group_names(g))
+        assert all(pg["weight_decay"] == (0.1 if pg["params"][0].ndim >= 2 else 0.0) for pg in mine)
+    assert sum(len(pg["params"]) for pg in groups) == len(names)
 
 
 def test_recipe_section():
@@ -87,10 +95,3 @@ def test_recipe_section():
         recipe({"name": "hift", "group_size": 0, "order": "sideways"})
     text = str(e.value)
     assert "method.group_size" in text and "method.order" in text
-
-
-def test_deepspeed_is_refused(load):
-    r = validate_recipe_data(recipe().model_dump() | {"distributed": {"config": "configs/zero2.json"}})
-    method = build_method(r.method)
-    with pytest.raises(UserError, match="distributed.config"):
-        method.select(load("llama"), MethodContext(recipe=r, log=lambda s: None))
