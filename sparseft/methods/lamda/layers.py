@@ -15,10 +15,13 @@ class LamdaLinear(nn.Module):
     `lamda_A` (r, d_in, PMA) is a buffer: it never trains. `lamda_S` (r, r) and `lamda_B` (d_out, r, PMB) are the
     parameters. `lamda_start` (d_out, r) = B0 S0 is the frozen start subtracted for init "spectrum" (None for "zero",
     where S0 = 0). Column j of B is direction j (singular value j, descending). `freeze_directions` freezes columns for
-    good: the forward cuts them from the graph (their gradient is exactly zero), their optimizer moments are zeroed,
-    and `restore_frozen`, after each optimizer step, writes their frozen values back and zeroes their moments again,
-    undoing weight decay and whatever an optimizer did with them. Once every column is frozen, B stops requiring grad
-    and its optimizer state is deleted.
+    good: their values are copied aside (`b_frozen`) and the forward takes them from there, as constants, so they get
+    an exactly zero gradient and nothing an optimizer does to B's storage (momentum, weight decay) reaches the model's
+    output; `restore_frozen`, after each optimizer step, writes the frozen values back into B, so B as saved and
+    exported holds them. Once every column is frozen, B stops requiring grad and a torch optimizer's state for it is
+    deleted. This needs nothing from the optimizer, so it holds where the optimizer keeps B's master copy and moments
+    in flat partitions of its own (DeepSpeed ZeRO-1/2/3; under ZeRO-3, which keeps only a partition of B outside the
+    forward pass, B is gathered to be read and written).
     """
 
     def __init__(self, base_layer: nn.Linear, lamda_A: torch.Tensor, lamda_S: torch.Tensor, lamda_B: torch.Tensor,
@@ -42,6 +45,7 @@ class LamdaLinear(nn.Module):
         # Freezing state, rebuilt from the step on resume (see LaMDA.on_step_start), so not saved.
         self.register_buffer("frozen", torch.zeros(rank, dtype=torch.bool, device=w.device), persistent=False)
         self.register_buffer("b_frozen", torch.zeros_like(self.lamda_B.detach()), persistent=False)
+        self.n_frozen = 0  # int(frozen.sum()), kept on the host so the forward needs no device sync
 
     # Read-only views of the base layer, for code that inspects a linear's attributes.
     weight = property(lambda self: self.base_layer.weight)
@@ -50,10 +54,13 @@ class LamdaLinear(nn.Module):
     out_features = property(lambda self: self.base_layer.out_features)
 
     def up(self) -> torch.Tensor:
-        """B S - B0 S0 (d_out, r); frozen columns of B enter as constants, so they get no gradient."""
+        """B S - B0 S0 (d_out, r); frozen columns of B enter as constants (their frozen values), so they get no
+        gradient."""
         b = self.lamda_B
-        if b.requires_grad and bool(self.frozen.any()):
-            b = torch.where(self.frozen, b.detach(), b)
+        if self.n_frozen == self.rank:
+            b = self.b_frozen
+        elif self.n_frozen:
+            b = torch.where(self.frozen, self.b_frozen, b)
         m = b @ self.lamda_S
         return m if self.lamda_start is None else m - self.lamda_start
 
@@ -63,39 +70,35 @@ class LamdaLinear(nn.Module):
 
     def trainable_count(self) -> int:
         """Parameters that receive updates now: S always, B's unfrozen columns while B trains."""
-        n = self.lamda_S.numel()
-        if self.lamda_B.requires_grad:
-            n += self.lamda_B.shape[0] * int((~self.frozen).sum())
-        return n
+        return self.lamda_S.numel() + self.lamda_B.shape[0] * (self.rank - self.n_frozen)
 
     @torch.no_grad()
     def freeze_directions(self, cols: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
-        """Freeze B's columns where `cols` (bool, (r,)) is True, on top of those frozen already."""
+        """Freeze B's columns where `cols` (bool, (r,)) is True, on top of those frozen already. Every rank of a
+        distributed run calls this alike (under ZeRO-3, reading B gathers it)."""
+        from sparseft.train.distributed import full_parameters  # (sparseft.recipe imports the methods)
+
         b = self.lamda_B
         new = cols.to(self.frozen.device) & ~self.frozen
         if bool(new.any()):
-            self.b_frozen[:, new] = b[:, new]
+            with full_parameters([b]):
+                self.b_frozen[:, new] = b[:, new]
             self.frozen |= new
-            self._zero_moments(optimizer, new)
-        if bool(self.frozen.all()) and b.requires_grad:
+            self.n_frozen = int(self.frozen.sum())
+        if self.n_frozen == self.rank and b.requires_grad:
             b.requires_grad_(False)
             b.grad = None
             if optimizer is not None:
-                optimizer.state.pop(b, None)
+                optimizer.state.pop(b, None)  # a no-op where the optimizer holds a flat copy instead of B
 
     @torch.no_grad()
-    def restore_frozen(self, optimizer: torch.optim.Optimizer | None) -> None:
-        """After an optimizer step: write the frozen columns' values back and zero their moments again (an L2 weight
-        decay, as SGD applies it, feeds the momentum even where the gradient is zero), so nothing can move them."""
-        if self.lamda_B.requires_grad and bool(self.frozen.any()):
-            self.lamda_B[:, self.frozen] = self.b_frozen[:, self.frozen]
-            self._zero_moments(optimizer, self.frozen)
+    def restore_frozen(self) -> None:
+        """After an optimizer step: write the frozen columns' values back into B, whatever the step did to them."""
+        from sparseft.train.distributed import full_parameters
 
-    def _zero_moments(self, optimizer: torch.optim.Optimizer | None, cols: torch.Tensor) -> None:
-        state = optimizer.state.get(self.lamda_B, {}) if optimizer is not None else {}
-        for value in state.values():  # AdamW exp_avg / exp_avg_sq, SGD momentum_buffer
-            if torch.is_tensor(value) and value.shape == self.lamda_B.shape:
-                value[:, cols] = 0
+        if self.n_frozen:
+            with full_parameters([self.lamda_B], modify=True):
+                self.lamda_B[:, self.frozen] = self.b_frozen[:, self.frozen]
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out = {"lamda_A": self.lamda_A, "lamda_S": self.lamda_S, "lamda_B": self.lamda_B}
@@ -111,7 +114,7 @@ class LamdaLinear(nn.Module):
         return self.base_layer
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale}, B frozen {int(self.frozen.sum())}/{self.rank}"
+        return f"rank={self.rank}, scale={self.scale}, B frozen {self.n_frozen}/{self.rank}"
 
 
 @torch.no_grad()

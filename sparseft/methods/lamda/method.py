@@ -50,9 +50,8 @@ class Lamda(Method):
     config_cls = LamdaConfig
     has_adapter = True
     cfg: LamdaConfig
-    # Freezing B's columns exactly needs the optimizer to hold B itself (its moments and its values); ZeRO 1-3 move both
-    # into flat partitions. Stage 0 (data parallelism) keeps them, and skips parameters that no longer require grad.
-    zero_stages = (0,)
+    # Frozen columns of B are taken from a copy in the forward and written back into B after each step, which needs no
+    # access to the optimizer's state (ZeRO keeps it in flat partitions); see LamdaLinear.
 
     def __init__(self, cfg: LamdaConfig):
         super().__init__(cfg)
@@ -157,9 +156,7 @@ class Lamda(Method):
     def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Freeze the directions of B the schedule freezes by this step (idempotent, so resume rebuilds it)."""
         state = self._state(model)
-        layers = self._layers(model)
-        _check_optimizer_holds(optimizer, layers)
-        for _, layer in layers:
+        for _, layer in self._layers(model):
             n = frozen_count(step, layer.rank, state.start_step, state.end_step)
             cols = torch.zeros(layer.rank, dtype=torch.bool)
             if self.cfg.freeze_b.order == "largest":
@@ -172,7 +169,7 @@ class Lamda(Method):
         """Undo whatever the optimizer step did to frozen directions; log how many parameters trained in this step."""
         total = 0
         for _, layer in self._layers(model):
-            layer.restore_frozen(optimizer)
+            layer.restore_frozen()
             total += layer.trainable_count()
         return {"trainable_params": total}
 
@@ -201,17 +198,6 @@ class Lamda(Method):
         }
         write_adapter(out_dir, tensors, fields)
         return fields
-
-
-def _check_optimizer_holds(optimizer: torch.optim.Optimizer | None, layers: list[tuple[str, LamdaLinear]]) -> None:
-    """Freezing acts on B's own optimizer state: refuse an optimizer that keeps B elsewhere (flattened, partitioned)."""
-    if optimizer is None:
-        return
-    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    missing = [p for p, layer in layers if id(layer.lamda_B) not in held]
-    if missing:
-        raise UserError(f"lamda: the optimizer does not hold {missing[0]}.lamda_B itself (ZeRO partitions or a "
-                        "flattened copy?), so B cannot be frozen exactly; train LaMDA in one process or at ZeRO stage 0")
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

@@ -43,9 +43,9 @@ def prepared(model, logs: list | None = None, max_steps: int = 10, train: dict |
     return Prepared(m, rec, m.prepare(model, selection, ctx), selection)
 
 
-def train_steps(method, rec, model, steps: int, weight_decay: float, on_step=None) -> list[dict]:
+def train_steps(method, rec, model, steps: int, weight_decay: float, on_step=None, before_step=None) -> list[dict]:
     """Run `steps` optimizer steps on fixed batches; returns what on_step_end logged. `on_step(step, engine)` is
-    called after each step's on_step_end."""
+    called after each step's on_step_end, `before_step(step, engine)` between backward and the optimizer step."""
     model.train()
     engine = Engine(model, method.optimizer_param_groups(model, weight_decay), rec.train)
     logged = []
@@ -53,6 +53,8 @@ def train_steps(method, rec, model, steps: int, weight_decay: float, on_step=Non
         method.on_step_start(step, model, engine.optimizer)
         loss, _ = method.compute_loss(model, batch(model.config.vocab_size, seed=step % 3))
         engine.backward(loss)
+        if before_step is not None:
+            before_step(step, engine)
         engine.step()
         logged.append(method.on_step_end(step, model, engine.optimizer))
         if on_step is not None:

@@ -27,21 +27,24 @@ def test_frozen_directions_never_change(load, optimizer, order):
     a0 = {n: m.lamda_A.clone() for n, m in layers.items()}
     s0 = {n: m.lamda_S.detach().clone() for n, m in layers.items()}
     history = []  # B of every layer after each step
-    moments_checked = []
+    grads_checked = []
 
     def check(step, engine):
         history.append({n: m.lamda_B.detach().clone() for n, m in layers.items()})
         for m in layers.values():
-            state = engine.optimizer.state.get(m.lamda_B, {})
             if step >= 8:  # wholly frozen: no gradient, optimizer state freed
-                assert not m.lamda_B.requires_grad and m.lamda_B.grad is None and not state
-            elif bool(m.frozen.any()):
-                for v in state.values():
-                    if torch.is_tensor(v) and v.shape == m.lamda_B.shape:
-                        assert torch.count_nonzero(v[:, m.frozen]) == 0, "frozen directions keep no moments"
-                        moments_checked.append(step)
+                assert not m.lamda_B.requires_grad and m.lamda_B.grad is None
+                assert not engine.optimizer.state.get(m.lamda_B)
+            elif m.n_frozen:
+                grads_checked.append(step)
 
-    logged = train_steps(p.method, p.recipe, model, STEPS, weight_decay=0.1, on_step=check)
+    def zero_grads(step, engine):  # after backward, before the optimizer step
+        for m in layers.values():
+            if m.n_frozen and m.lamda_B.grad is not None:
+                assert torch.count_nonzero(m.lamda_B.grad[:, m.frozen]) == 0, "frozen directions get no gradient"
+
+    logged = train_steps(p.method, p.recipe, model, STEPS, weight_decay=0.1, on_step=check,
+                         before_step=zero_grads)
 
     for name, m in layers.items():
         assert torch.equal(m.lamda_A, a0[name]), "A never changes"
@@ -54,22 +57,9 @@ def test_frozen_directions_never_change(load, optimizer, order):
             for later in history[froze_at:]:
                 assert torch.equal(later[name][:, col], history[froze_at - 1][name][:, col]), \
                     f"direction {col} of {name} moved after it froze at step {froze_at}"
-    assert moments_checked, "the moments check ran"
+    assert grads_checked, "the gradient check ran"
     counts = [x["trainable_params"] for x in logged]
     n_s = sum(m.lamda_S.numel() for m in layers.values())
     d_out = sum(m.lamda_B.shape[0] for m in layers.values())
     assert counts == [n_s + d_out * (R - frozen_count(s, R, 2, 8)) for s in range(STEPS)]
     assert counts[-1] == n_s, "after the full freeze only S trains"
-
-
-def test_refuses_an_optimizer_that_does_not_hold_b(load):
-    """ZeRO 1-3 keep B's values and moments in flat partitions, where its columns cannot be frozen exactly."""
-    from sparseft.errors import UserError
-    from sparseft.train.distributed import check_method_stage
-
-    p = prepared(load("llama"), r=2, projections=["o"])
-    with pytest.raises(UserError, match="does not hold model.layers.0.self_attn.o_proj.lamda_B"):
-        p.method.on_step_start(0, p.model, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1))
-    check_method_stage(p.method, 0)
-    with pytest.raises(UserError, match=r"zero_optimization.stage=2: method .*lamda"):
-        check_method_stage(p.method, 2)
