@@ -1,9 +1,9 @@
-"""Two CPU ranks (DeepSpeed, gloo) against one process at the same global batch: full FT, LoRA and S2FT under ZeRO-1/2
-(and S2FT under ZeRO-3 through the real CLI) give the same loss curve, optimizer state and final weights; a 2-rank
-checkpoint resumes on 2 ranks exactly and on 1 process; export of a distributed run gives the single run's merged
-model; a failing rank stops the job.
+"""Two CPU ranks (DeepSpeed, gloo) against one process at the same global batch: every method under ZeRO-1 or ZeRO-2
+(LaMDA and HiFT also under ZeRO-3, S2FT under ZeRO-3 through the real CLI) gives the same loss curve, optimizer state
+and final weights; a 2-rank checkpoint resumes on 2 ranks exactly and on 1 process; export of a distributed run gives
+the single run's merged model; a failing rank stops the job.
 
-One launch trains all three methods (DeepSpeed and the ranks start once); the single-process references run in this
+One launch trains every entry (DeepSpeed and the ranks start once); the single-process references run in this
 process. Loss curves and weights must agree within 1e-4 (fp32), which holds because the ranks' losses are weighted by
 their share of the global micro-batch's loss tokens.
 """
@@ -40,7 +40,14 @@ METHODS = {
               "channels": {"count": 8}}, "configs/zero2.json"),
     # Pruned (SparseGPT 50% by default) with fixed masks, distilled from the dense teacher on every rank.
     "squarehead": ({"name": "squarehead"}, "configs/zero2.json"),
+    # B's directions freeze over steps 1-3 and B wholly from step 4, across the checkpoint at step 3.
+    "lamda": ({"name": "lamda", "r": 4, "init": "spectrum", "projections": ["q", "v", "down"],
+               "freeze_b": {"start": 0.2, "end": 0.7}}, "configs/zero1.json"),
+    # One group a step in a new random order each cycle: ZeRO-2 partitions every group, the step skips all but one.
+    "hift": ({"name": "hift", "order": "random"}, "configs/zero2.json"),
 }
+# The two methods that change what trains during the run, also under ZeRO-3 (partitioned weights).
+METHODS.update({f"{name}-zero3": (METHODS[name][0], "configs/zero3.json") for name in ("lamda", "hift")})
 # At the shared lr of 1e-2, AdamW moves this tiny pruned student by about half its weights' scale a step, and the
 # distillation term's reduction order across ranks (last-bit differences) is then amplified past 1e-4 in a few rare-token
 # rows of the head; 1e-3 is still far above a realistic rate for distilling a pruned model.
@@ -147,3 +154,17 @@ def test_failing_rank_stops_the_job(capfd):
     assert code == 1
     assert "rank 1 fails on purpose" in capfd.readouterr().err
     assert elapsed < 120  # stopped, not hung until a collective times out (DeepSpeed's default: 30 min)
+
+
+def test_hift_single_process_checkpoint_is_refused_under_zero(tiny_model_dir, tmp_path):
+    """One process parks HiFT's waiting groups' optimizer state with the method, by weight; ZeRO holds state in flat
+    partitions, so resuming such a checkpoint there is refused with a message (exit code 2), not continued wrongly."""
+    recipe = write_recipe(tmp_path, tiny_model_dir("llama"), {"name": "hift"}, distributed={"config": "configs/zero2.json"},
+                          train={**TRAIN, "output_dir": str(tmp_path / "run")})
+    train(load_recipe(recipe))  # not launched: one process (the distributed section applies to ranks only)
+    shutil.rmtree(tmp_path / "run" / "final")
+    proc = subprocess.run([sys.executable, "-m", "sparseft.cli", "train", str(recipe), "--nproc", "2", "--resume"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "hift: this checkpoint was written by a single process" in proc.stdout + proc.stderr
+    assert not (tmp_path / "run" / "final").exists()
