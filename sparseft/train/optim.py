@@ -26,19 +26,32 @@ def lr_factor(step: int, t: TrainSection) -> float:
     return t.min_lr_ratio + (1.0 - t.min_lr_ratio) * shape
 
 
-def skip_inactive_groups(optimizer: torch.optim.Optimizer, args=None, kwargs=None) -> None:
-    """Step pre-hook: a param group whose `active` is False takes no step, so its parameters keep their values and
-    optimizer state.
+def skip_inactive_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Make a param group whose `active` is False take no step: its parameters keep their values and optimizer state.
 
     torch optimizers already skip a parameter whose `.grad` is None, which is how a method that freezes part of the
     model between steps (HiFT) keeps it out of a step in one process. DeepSpeed's ZeRO hands the optimizer one flat
     partition a param group, with a gradient (zeros for what did not train) on each; a method marks such a group
-    inactive instead, and this drops its gradients before the step.
+    inactive instead. Its gradients are taken away for the optimizer's step and handed back afterwards (DeepSpeed's
+    CPU offload keeps them as buffers it reuses).
     """
-    for group in optimizer.param_groups:
-        if group.get("active", True) is False:
-            for p in group["params"]:
-                p.grad = None
+    held: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def take(opt, args, kwargs):
+        for group in opt.param_groups:
+            if group.get("active", True) is False:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        held.append((p, p.grad))
+                        p.grad = None
+
+    def give_back(opt, args, kwargs):
+        for p, grad in held:
+            p.grad = grad
+        held.clear()
+
+    optimizer.register_step_pre_hook(take)
+    optimizer.register_step_post_hook(give_back)
 
 
 def build_optimizer(param_groups: list[dict], t: TrainSection) -> torch.optim.Optimizer:
@@ -47,7 +60,7 @@ def build_optimizer(param_groups: list[dict], t: TrainSection) -> torch.optim.Op
     else:
         # foreach=False keeps the step's temporary memory per tensor instead of per parameter list.
         optimizer = torch.optim.AdamW(param_groups, lr=t.lr, betas=t.betas, foreach=False)
-    optimizer.register_step_pre_hook(skip_inactive_groups)
+    skip_inactive_groups(optimizer)
     return optimizer
 
 

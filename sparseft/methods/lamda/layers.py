@@ -35,7 +35,7 @@ class LamdaLinear(nn.Module):
                              f"{tuple(lamda_B.shape)} do not fit rank {rank} on {base_layer}")
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
-        self.scale, self.rank = float(scale), rank
+        self.scale, self.rank, self.d_out = float(scale), rank, d_out
         w = base_layer.weight
         self.register_buffer("lamda_A", lamda_A.detach().to(w.device, w.dtype).clone())
         self.lamda_S = nn.Parameter(lamda_S.detach().to(w.device, w.dtype).clone())
@@ -70,7 +70,7 @@ class LamdaLinear(nn.Module):
 
     def trainable_count(self) -> int:
         """Parameters that receive updates now: S always, B's unfrozen columns while B trains."""
-        return self.lamda_S.numel() + self.lamda_B.shape[0] * (self.rank - self.n_frozen)
+        return self.rank * self.rank + self.d_out * (self.rank - self.n_frozen)  # (ZeRO-3 empties the parameters)
 
     @torch.no_grad()
     def freeze_directions(self, cols: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
