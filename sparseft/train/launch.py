@@ -41,8 +41,8 @@ def launch_train(recipe_path: Path, overrides: list[str], nproc: int | None, hos
 
 def launch(module: str, args: list[str], nproc: int | None, hostfile: Path | None = None,
            master_port: int | None = None) -> int:
-    """Run `python -m module args` on every rank; returns 0 when all succeed, else the first failure's code."""
-    check_launch_args(nproc, hostfile)
+    """Run `python -m module args` on every rank; returns 0 when all succeed, else the first failure's code.
+    `sparseft train` has checked the arguments (`check_launch_args`)."""
     env = dict(os.environ)
     if hostfile is None:
         if not torch.cuda.is_available():
@@ -75,8 +75,58 @@ def check_launch_args(nproc: int | None, hostfile: Path | None) -> None:
         raise UserError("give --nproc N (ranks on this machine) or --hostfile FILE")
     if nproc is not None and nproc < 1:
         raise UserError(f"--nproc {nproc}: must be at least 1")
-    if hostfile is not None and not hostfile.is_file():
-        raise UserError(f"--hostfile {hostfile}: no such file")
+    if hostfile is not None:
+        hosts = read_hostfile(hostfile)
+        if nproc is not None and any(nproc > slots for _, slots in hosts):
+            host, slots = next((h, n) for h, n in hosts if nproc > n)
+            raise UserError(f"--nproc {nproc}: more than the {slots} slots {hostfile} gives {host}")
+        check_hosts_reachable(hostfile, hosts)
+
+
+def read_hostfile(path: Path) -> list[tuple[str, int]]:
+    """(host, slots) of each line of a DeepSpeed hostfile: `host slots=N`, blank lines and `#` comments allowed."""
+    if not path.is_file():
+        raise UserError(f"--hostfile {path}: no such file")
+    hosts: list[tuple[str, int]] = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        parts = text.split()
+        slots = parts[1].removeprefix("slots=") if len(parts) == 2 and parts[1].startswith("slots=") else ""
+        if not slots.isdigit() or int(slots) < 1:
+            raise UserError(f"{path}:{number}: {line.strip()!r}: expected `HOST slots=N` with N at least 1")
+        if parts[0] in dict(hosts):
+            raise UserError(f"{path}:{number}: host {parts[0]} is listed twice")
+        hosts.append((parts[0], int(slots)))
+    if not hosts:
+        raise UserError(f"--hostfile {path}: lists no host (`HOST slots=N` lines)")
+    return hosts
+
+
+def check_hosts_reachable(path: Path, hosts: list[tuple[str, int]]) -> None:
+    """DeepSpeed's runner reaches every host over passwordless ssh (and starts ranks on several with pdsh); check
+    that first, so the answer is one message, not a traceback from the runner."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    if shutil.which("ssh") is None:
+        raise UserError(f"--hostfile {path}: ssh is not installed; DeepSpeed's runner reaches the hosts over ssh")
+    if len(hosts) > 1 and shutil.which("pdsh") is None:
+        raise UserError(f"--hostfile {path}: pdsh is not installed; DeepSpeed's runner starts the ranks on several "
+                        "hosts with it (e.g. apt install pdsh)")
+
+    def reachable(host: str) -> bool:
+        cmd = ["ssh", "-o", "PasswordAuthentication=no", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host,
+               "hostname"]
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60).returncode == 0
+
+    with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
+        ok = list(pool.map(reachable, [h for h, _ in hosts]))
+    down = [h for (h, _), fine in zip(hosts, ok) if not fine]
+    if down:
+        raise UserError(f"--hostfile {path}: {', '.join(down)} not reachable over passwordless ssh "
+                        f"(`ssh {down[0]} hostname` must work without a prompt); DeepSpeed's runner needs it")
 
 
 def free_port() -> int:

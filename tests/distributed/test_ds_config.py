@@ -131,3 +131,62 @@ def test_cli_refuses_a_bad_config_before_launching(tmp_path):
     assert not Path(tmp_path / "run").exists()
     result = CliRunner().invoke(app, ["train", str(path), "--nproc", "0"])
     assert result.exit_code == 2 and "--nproc 0: must be at least 1" in result.output
+
+
+@pytest.mark.parametrize("text,message", [
+    ("node1 slots=8\nnode2 slots=x\n", ":2: 'node2 slots=x': expected `HOST slots=N`"),
+    ("node1 slots=0\n", ":1: 'node1 slots=0': expected `HOST slots=N` with N at least 1"),
+    ("node1\n", ":1: 'node1': expected"),
+    ("# only a comment\n\n", "lists no host"),
+    ("node1 slots=4\nnode1 slots=4 # again\n", ":2: host node1 is listed twice"),
+])
+def test_a_bad_hostfile_is_named_with_its_line(tmp_path, text, message):
+    path = write_recipe(tmp_path, "unused-model", train={"output_dir": str(tmp_path / "run")})
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    result = CliRunner().invoke(app, ["train", str(path), "--hostfile", str(hostfile)])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()), result.output
+    assert not Path(tmp_path / "run").exists()
+
+
+def test_hostfile_launch_command(tmp_path, monkeypatch):
+    """With a good hostfile the checks pass and DeepSpeed's runner gets the hostfile, the rendezvous port and the
+    ranks a host; an unreachable host and --nproc above a host's slots are refused first."""
+    from sparseft.train import launch as launch_module
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node1 slots=4  # first\nnode2 slots=4\n")
+    path = write_recipe(tmp_path, "unused-model", train={"output_dir": str(tmp_path / "run")})
+    result = CliRunner().invoke(app, ["train", str(path), "--hostfile", str(hostfile), "--nproc", "8"])
+    assert result.exit_code == 2 and "--nproc 8: more than the 4 slots" in " ".join(result.output.split())
+
+    checked, started = [], []
+    monkeypatch.setattr(launch_module, "check_hosts_reachable", lambda p, hosts: checked.append(hosts))
+
+    class Proc:
+        def __init__(self, cmd, env):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(launch_module.subprocess, "Popen", Proc)
+    code = launch_module.launch_train(path, ["train.max_steps=3"], 2, hostfile, 29600, False, False)
+    assert code == 0 and checked == [[("node1", 4), ("node2", 4)]]
+    (cmd,) = started
+    assert cmd[1:4] == ["-u", "-m", "deepspeed.launcher.runner"]
+    assert f"--hostfile={hostfile}" in cmd and "--master_port=29600" in cmd and "--num_gpus=2" in cmd
+    assert cmd[cmd.index("--module"):] == ["--module", "--no_local_rank", "--log_level=warning", "sparseft.cli",
+                                           "train", str(path), "train.max_steps=3"]
+
+
+def test_an_unreachable_host_is_refused(tmp_path):
+    import shutil
+
+    if shutil.which("ssh") is None:
+        pytest.skip("no ssh here")
+    from sparseft.train.launch import check_hosts_reachable
+
+    with pytest.raises(UserError, match="no-such-host.invalid not reachable over passwordless ssh"):
+        check_hosts_reachable(tmp_path / "hostfile", [("no-such-host.invalid", 1)])
