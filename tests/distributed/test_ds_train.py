@@ -1,7 +1,8 @@
 """Two CPU ranks (DeepSpeed, gloo) against one process at the same global batch: every method under ZeRO-1 or ZeRO-2
 (LaMDA and HiFT also under ZeRO-3, S2FT under ZeRO-3 through the real CLI) gives the same loss curve, optimizer state
 and final weights; a 2-rank checkpoint resumes on 2 ranks exactly and on 1 process; export of a distributed run gives
-the single run's merged model; a failing rank stops the job.
+the single run's merged model; two hosts of one rank each (the per-node launch a hostfile leads to) give the same
+run; a failing rank stops the job.
 
 One launch trains every entry (DeepSpeed and the ranks start once); the single-process references run in this
 process. Loss curves and weights must agree within 1e-4 (fp32), which holds because the ranks' losses are weighted by
@@ -180,3 +181,31 @@ def test_hift_single_process_checkpoint_is_refused_under_zero(tiny_model_dir, tm
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "hift: this checkpoint was written by a single process" in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_two_nodes_of_one_rank_each(runs, tmp_path):
+    """What DeepSpeed's runner has pdsh start on each host of a hostfile: its per-node launcher with the job's world
+    and the host's node rank. Two such "hosts" on this machine, one rank each (local rank 0 on both): rank 0 alone
+    writes, and the run equals the single-process one."""
+    import base64
+
+    from sparseft.train.launch import free_port
+
+    _, single, recipe = runs["lora"]
+    out = tmp_path / "nodes"
+    world = base64.urlsafe_b64encode(json.dumps({"node-a": [0], "node-b": [0]}).encode()).decode()
+    port = free_port()
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world}",
+                               f"--node_rank={k}", "--master_addr=127.0.0.1", f"--master_port={port}", "--module",
+                               "--no_local_rank", "--log_level=warning", "sparseft.cli", "train", str(recipe),
+                               f"train.output_dir={out}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for k in (0, 1)]
+    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "2 ranks, ZeRO stage 2" in logs[0] and "step 6/6" in logs[0] and "done 6 steps" in logs[0]
+    assert "step 6/6" not in logs[1] and "done" not in logs[1]  # the second host's rank computes, and reports nothing
+    a, b = losses(out), losses(single)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert_close(load_file(str(out / "final" / "trainable.safetensors")),
+                 load_file(str(single / "final" / "trainable.safetensors")), atol=1e-4)
