@@ -23,8 +23,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Structured-sparse and memory-lean fine-tuning of LLMs, driven by YAML recipes.")
 recipes_app = typer.Typer(no_args_is_help=True, help="The bundled recipes: list them, copy one to edit.")
 app.add_typer(recipes_app, name="recipes")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # paths and messages stay on one line (copyable, greppable); tables fit the width
+err_console = Console(stderr=True, soft_wrap=True)
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.lr=1e-4", show_default=False)]
 
@@ -124,9 +124,21 @@ def recipes_ls():
     d = bundled_recipes_dir()
     table = Table("name", "what it does")
     for f in sorted(d.glob("*.yaml")):
-        first = next((ln for ln in f.read_text().splitlines() if ln.startswith("#")), "#")
-        table.add_row(f.stem, first.lstrip("# ").strip())
+        table.add_row(f.stem, _first_sentence(f))
     console.print(table)
+
+
+def _first_sentence(recipe: Path) -> str:
+    """The first sentence of a recipe's leading comment block."""
+    words = []
+    for line in recipe.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        words += line.lstrip("#").split()
+        text = " ".join(words)
+        if ". " in text or text.endswith("."):
+            return text.split(". ")[0].rstrip(".") + "."
+    return " ".join(words)
 
 
 @recipes_app.command("cp")
