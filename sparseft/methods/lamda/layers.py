@@ -21,7 +21,7 @@ class LamdaLinear(nn.Module):
     exported holds them. Once every column is frozen, B stops requiring grad and a torch optimizer's state for it is
     deleted. This needs nothing from the optimizer, so it holds where the optimizer keeps B's master copy and moments
     in flat partitions of its own (DeepSpeed ZeRO-1/2/3; under ZeRO-3, which keeps only a partition of B outside the
-    forward pass, B is gathered to be read and written).
+    forward pass, LaMDA gathers B around both calls).
     """
 
     def __init__(self, base_layer: nn.Linear, lamda_A: torch.Tensor, lamda_S: torch.Tensor, lamda_B: torch.Tensor,
@@ -72,17 +72,18 @@ class LamdaLinear(nn.Module):
         """Parameters that receive updates now: S always, B's unfrozen columns while B trains."""
         return self.rank * self.rank + self.d_out * (self.rank - self.n_frozen)  # (ZeRO-3 empties the parameters)
 
+    def freezes_new(self, cols: torch.Tensor) -> bool:
+        """Whether `freeze_directions(cols)` would freeze a column not frozen yet."""
+        return bool((cols.to(self.frozen.device) & ~self.frozen).any())
+
     @torch.no_grad()
     def freeze_directions(self, cols: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
-        """Freeze B's columns where `cols` (bool, (r,)) is True, on top of those frozen already. Every rank of a
-        distributed run calls this alike (under ZeRO-3, reading B gathers it)."""
-        from sparseft.train.distributed import full_parameters  # (sparseft.recipe imports the methods)
-
+        """Freeze B's columns where `cols` (bool, (r,)) is True, on top of those frozen already. Reads B (under
+        ZeRO-3 the caller gathers it)."""
         b = self.lamda_B
         new = cols.to(self.frozen.device) & ~self.frozen
         if bool(new.any()):
-            with full_parameters([b]):
-                self.b_frozen[:, new] = b[:, new]
+            self.b_frozen[:, new] = b[:, new]
             self.frozen |= new
             self.n_frozen = int(self.frozen.sum())
         if self.n_frozen == self.rank and b.requires_grad:
@@ -93,12 +94,10 @@ class LamdaLinear(nn.Module):
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
-        """After an optimizer step: write the frozen columns' values back into B, whatever the step did to them."""
-        from sparseft.train.distributed import full_parameters
-
+        """After an optimizer step: write the frozen columns' values back into B, whatever the step did to them
+        (under ZeRO-3 the caller gathers B for writing)."""
         if self.n_frozen:
-            with full_parameters([self.lamda_B], modify=True):
-                self.lamda_B[:, self.frozen] = self.b_frozen[:, self.frozen]
+            self.lamda_B[:, self.frozen] = self.b_frozen[:, self.frozen]
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out = {"lamda_A": self.lamda_A, "lamda_S": self.lamda_S, "lamda_B": self.lamda_B}

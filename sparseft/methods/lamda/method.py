@@ -50,8 +50,8 @@ class Lamda(Method):
     config_cls = LamdaConfig
     has_adapter = True
     cfg: LamdaConfig
-    # Frozen columns of B are taken from a copy in the forward and written back into B after each step, which needs no
-    # access to the optimizer's state (ZeRO keeps it in flat partitions); see LamdaLinear.
+    # Every ZeRO stage (the default zero_stages): frozen columns of B are taken from a copy in the forward and written
+    # back into B after each step, which needs no access to the optimizer's state (ZeRO keeps it in flat partitions).
 
     def __init__(self, cfg: LamdaConfig):
         super().__init__(cfg)
@@ -155,7 +155,10 @@ class Lamda(Method):
     # --- during training -------------------------------------------------------------------------------------------
     def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Freeze the directions of B the schedule freezes by this step (idempotent, so resume rebuilds it)."""
+        from sparseft.train.distributed import full_parameters  # (sparseft.recipe imports the methods)
+
         state = self._state(model)
+        wanted = []
         for _, layer in self._layers(model):
             n = frozen_count(step, layer.rank, state.start_step, state.end_step)
             cols = torch.zeros(layer.rank, dtype=torch.bool)
@@ -163,15 +166,21 @@ class Lamda(Method):
                 cols[:n] = True
             else:
                 cols[layer.rank - n:] = True
-            layer.freeze_directions(cols, optimizer)
+            wanted.append((layer, cols))
+        # Freezing copies B's new frozen columns: under ZeRO-3, gather those B (all at once) to read them.
+        with full_parameters([layer.lamda_B for layer, cols in wanted if layer.freezes_new(cols)]):
+            for layer, cols in wanted:
+                layer.freeze_directions(cols, optimizer)
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Undo whatever the optimizer step did to frozen directions; log how many parameters trained in this step."""
-        total = 0
-        for _, layer in self._layers(model):
-            layer.restore_frozen()
-            total += layer.trainable_count()
-        return {"trainable_params": total}
+        from sparseft.train.distributed import full_parameters
+
+        layers = [layer for _, layer in self._layers(model)]
+        with full_parameters([layer.lamda_B for layer in layers if layer.n_frozen], modify=True):
+            for layer in layers:
+                layer.restore_frozen()
+        return {"trainable_params": sum(layer.trainable_count() for layer in layers)}
 
     # --- after training --------------------------------------------------------------------------------------------
     def merged(self, model: nn.Module) -> nn.Module:
