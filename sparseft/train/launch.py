@@ -119,7 +119,10 @@ def check_hosts_reachable(path: Path, hosts: list[tuple[str, int]]) -> None:
     def reachable(host: str) -> bool:
         cmd = ["ssh", "-o", "PasswordAuthentication=no", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", host,
                "hostname"]
-        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60).returncode == 0
+        try:
+            return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
 
     with ThreadPoolExecutor(max_workers=min(16, len(hosts))) as pool:
         ok = list(pool.map(reachable, [h for h, _ in hosts]))
