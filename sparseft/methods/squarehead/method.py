@@ -46,7 +46,9 @@ def _dtype_name(model: nn.Module) -> str:
 class SquareHead(Method):
     config_cls = SquareHeadConfig
     cfg: SquareHeadConfig
-    # ZeRO-3 partitions the weights, so masks cannot be applied to them; stages 0-2 keep every weight whole.
+    # Masks are re-applied to whole weights after every step and gradual pruning ranks whole weights; ZeRO-3 keeps only a
+    # partition of each weight outside the forward pass, so that would gather the whole model every step. Stages 0-2
+    # keep every weight whole on every rank.
     zero_stages = (0, 1, 2)
 
     def __init__(self, cfg: SquareHeadConfig):
