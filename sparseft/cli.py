@@ -6,6 +6,7 @@ Exit codes: 0 done, 2 bad input (one message naming the key, file or row), 1 a f
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -23,8 +24,17 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Structured-sparse and memory-lean fine-tuning of LLMs, driven by YAML recipes.")
 recipes_app = typer.Typer(no_args_is_help=True, help="The bundled recipes: list them, copy one to edit.")
 app.add_typer(recipes_app, name="recipes")
-console = Console(soft_wrap=True)  # paths and messages stay on one line (copyable, greppable); tables fit the width
-err_console = Console(stderr=True, soft_wrap=True)
+
+def _console(stderr: bool = False) -> Console:
+    """Messages and paths stay on one line (copyable, greppable). Off a terminal (CI logs, `| tee`) without COLUMNS,
+    tables get 200 columns rather than Rich's 80, so a table of several models stays readable."""
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() or "COLUMNS" in os.environ else 200
+    return Console(stderr=stderr, soft_wrap=True, width=width)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.lr=1e-4", show_default=False)]
 
