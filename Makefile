@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: install
-	$(BIN)/python scripts/make_tiny_model.py --out demo/tiny-llama --corpus recipes/data/arith_train.jsonl
+	$(BIN)/python scripts/make_tiny_model.py --out demo/tiny-llama-init \
+		--corpus recipes/data/arith_train.jsonl recipes/data/numbers_train.jsonl
+	$(BIN)/sparseft train recipes/demo_base.yaml --overwrite
+	$(BIN)/sparseft export runs/demo_base --merged demo/tiny-llama
 	$(BIN)/sparseft train recipes/quickstart.yaml --overwrite
 	$(BIN)/sparseft export runs/quickstart --merged demo/quickstart-merged
 	$(BIN)/sparseft eval demo/quickstart-merged --baseline demo/tiny-llama --task recipes/tasks/arith_ppl.yaml \

@@ -1,6 +1,10 @@
-"""Generate the bundled demo data: two-number addition as prompt/completion pairs (recipes/data/arith_*.jsonl).
+"""Generate the bundled demo data (run once by the maintainers; the files are committed; the same seed gives the same
+files):
 
-Run once by the maintainers; the files are committed. Deterministic: the same seed gives the same files.
+- recipes/data/arith_{train,val}.jsonl: two-number addition as prompt/completion pairs, the fine-tuning task;
+- recipes/data/numbers_{train,val}.jsonl: plain text about numbers that `make demo` pretrains the demo base model on,
+  subtraction facts and counting runs but no addition, so fine-tuning on addition adapts a model that already reads
+  numbers (as fine-tuning a pretrained model does) instead of starting from random weights.
 """
 
 from __future__ import annotations
@@ -19,6 +23,19 @@ def rows(n: int, rng: random.Random) -> list[dict]:
     return out
 
 
+def number_text(n: int, rng: random.Random) -> list[dict]:
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.6:
+            a = rng.randint(0, 38)
+            b = rng.randint(0, a)
+            out.append({"text": f"{a} - {b} = {a - b}"})
+        else:
+            start, length = rng.randint(0, 34), rng.randint(3, 6)
+            out.append({"text": " ".join(str(start + i) for i in range(length))})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="recipes/data")
@@ -29,7 +46,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, n in (("arith_train", 2000), ("arith_val", 200)):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(n, rng)))
-    print(f"wrote {out}/arith_train.jsonl and {out}/arith_val.jsonl")
+    text_rng = random.Random(args.seed + 1)  # its own stream: the addition files stay as they were
+    for name, n in (("numbers_train", 3000), ("numbers_val", 200)):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in number_text(n, text_rng)))
+    print(f"wrote {out}/arith_train.jsonl, arith_val.jsonl, numbers_train.jsonl and numbers_val.jsonl")
 
 
 if __name__ == "__main__":
