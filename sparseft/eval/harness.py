@@ -65,16 +65,23 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int = 8, max_length: int = 2
             return out
 
         def generate_until(self, requests) -> list[str]:
-            texts = []
-            for r in requests:  # one at a time: every request may carry its own settings
+            # Every request may carry its own settings: requests with the same ones share batches.
+            by_settings: dict[Sampling, list[int]] = {}
+            prompts = []
+            for i, r in enumerate(requests):
                 context, kw = r.args[0], dict(r.args[1] or {})
                 until = kw.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
                 sampling = Sampling(max_new_tokens=int(kw.get("max_gen_toks", 256)),
                                     temperature=float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0,
                                     top_p=float(kw.get("top_p") or 1.0), stop=tuple(until))
-                ids = self._context(context)[-max_length:]
-                texts.append(generate(model, tokenizer, [ids], sampling)[0].text)
+                by_settings.setdefault(sampling, []).append(i)
+                prompts.append(self._context(context)[-max_length:])
+            texts = [""] * len(requests)
+            for sampling, rows in by_settings.items():
+                done = generate(model, tokenizer, [prompts[i] for i in rows], sampling, batch_size=batch_size)
+                for i, g in zip(rows, done):
+                    texts[i] = g.text
             return texts
 
         @property
