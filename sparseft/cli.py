@@ -96,7 +96,8 @@ def validate(
     overrides: Overrides = None,
     explain: Annotated[bool, typer.Option(help="List every recipe key with its default and help.")] = False,
 ):
-    """Check a recipe (or an eval task file) without loading a model: every problem at once, each with its key path."""
+    """Check a recipe (or an eval task file) without loading a model's weights: every problem at once, each with its key
+    path, then the method's settings against the model's config.json when it is a local directory."""
     from sparseft.eval.tasks import is_task_file, load_task
     from sparseft.recipe import explain as explain_keys, load_recipe
 
@@ -113,14 +114,22 @@ def validate(
         task = load_task(recipe, key="task")
         console.print(f"[green]ok[/] {recipe}: eval task {task.name}", highlight=False)
         return
+    from sparseft.methods import build_method
+    from sparseft.models.loader import model_skeleton
+
     r = load_recipe(recipe, overrides or [])
+    method = build_method(r.method)
     if r.distributed is not None and r.distributed.config is not None:
         from sparseft.train.distributed import check_method_stage, resolve_ds_config, zero_stage
-        from sparseft.methods import build_method
 
-        check_method_stage(build_method(r.method), zero_stage(resolve_ds_config(r)))
-    console.print(f"[green]ok[/] {recipe}: method {r.method.name}, model {r.model.path}, {r.train.max_steps} steps",
-                  highlight=False)
+        check_method_stage(method, zero_stage(resolve_ds_config(r)))
+    # The method's settings against the model's shapes, from its config.json alone (no weights are read).
+    skeleton = model_skeleton(r.model.path, r.model.trust_remote_code)
+    if skeleton is not None:
+        method.check(skeleton)
+    checked = "checked against its config" if skeleton is not None else "not checked: not a local directory"
+    console.print(f"[green]ok[/] {recipe}: method {r.method.name}, model {r.model.path} ({checked}), "
+                  f"{r.train.max_steps} steps", highlight=False)
 
 
 def bundled_recipes_dir() -> Path:

@@ -69,6 +69,39 @@ def test_all_problems_at_once(tmp_path):
     assert_user_error(result, "3 problem(s)", "train.lr", "train.max_steps", "data.colour")
 
 
+METHOD_FIT_CASES = [
+    # (id, method section, words the message must contain): settings that only a model's shapes can refuse
+    ("s2ft heads", {"name": "s2ft", "heads": {"count": 9}}, ["method.heads.count=9", "kv groups"]),
+    ("s2ft channels", {"name": "s2ft", "projections": ["up", "down"], "channels": {"count": 100000}},
+     ["method.channels.count=100000", "FFN channels"]),
+    ("lamda rank", {"name": "lamda", "r": 500}, ["method.r=500", "largest possible rank"]),
+    ("lamda++ budget", {"name": "lamda", "rank_allocation": "spectrum", "rank_budget": 1},
+     ["method.rank_budget=1", "must be between"]),
+    ("lora targets", {"name": "lora", "target_modules": ["qkv_proj"]}, ["method.target_modules", "qkv_proj"]),
+]
+
+
+@pytest.mark.parametrize("case", METHOD_FIT_CASES, ids=[c[0] for c in METHOD_FIT_CASES])
+def test_validate_checks_method_settings_against_the_model_config(tmp_path, tiny_model_dir, case):
+    """validate builds the model from its config.json alone (meta device, no weights) and lets the method check its
+    settings against it; train refuses the same recipe with the same message."""
+    _, method, needles = case
+    recipe = write_recipe(tmp_path, tiny_model_dir("llama"), method)
+    assert_user_error(run("validate", recipe), *needles)
+    assert_user_error(run("train", recipe), *needles)
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_validate_says_what_it_checked(tmp_path, tiny_model_dir):
+    ok = run("validate", write_recipe(tmp_path, tiny_model_dir("llama"), {"name": "s2ft"}))
+    assert ok.exit_code == 0 and "(checked against its config)" in ok.output
+    hub = run("validate", write_recipe(tmp_path, "some-org/some-model", {"name": "s2ft"}, name="hub.yaml"))
+    assert hub.exit_code == 0 and "(not checked: not a local directory)" in hub.output
+    (tmp_path / "empty").mkdir()
+    bad = run("validate", write_recipe(tmp_path, str(tmp_path / "empty"), name="dir.yaml"))
+    assert_user_error(bad, "model.path=", "not a model directory (no config.json)")
+
+
 def test_not_yaml(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("model: [unclosed\n")

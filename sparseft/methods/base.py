@@ -52,6 +52,11 @@ class Method:
         self.cfg = cfg
 
     # --- before training -------------------------------------------------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        """Check the method's settings against the model's module names and shapes; a UserError naming the recipe key
+        when they do not fit. `model` may be on the meta device (shapes, no values): `sparseft validate` builds it from
+        the model's config.json alone. Methods call it before their own work too, so both see the same checks."""
+
     def select(self, model: nn.Module, ctx: MethodContext) -> dict:
         """Choose what trains. Returns a JSON-serialisable selection, saved in the run directory and reused on resume
         and export (so expensive or data-dependent choices are made once)."""

@@ -28,9 +28,8 @@ class Lora(Method):
     config_cls = LoraConfig
     has_adapter = True
 
-    def prepare(self, model: nn.Module, selection: dict, ctx) -> nn.Module:
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
+    def check(self, model: nn.Module) -> None:
+        """Every target module names linear layers of the model."""
         targets = list(self.cfg.target_modules)
         if targets != ["all-linear"]:
             names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
@@ -38,6 +37,12 @@ class Lora(Method):
             if missing:
                 raise UserError(f"method.target_modules: {missing} match no linear layer of the model "
                                 f"(linear layers: {sorted(names)})")
+
+    def prepare(self, model: nn.Module, selection: dict, ctx) -> nn.Module:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        self.check(model)
+        targets = list(self.cfg.target_modules)
         peft_cfg = PeftLoraConfig(
             r=self.cfg.r, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
             target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM",

@@ -58,6 +58,23 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model
     return tok
 
 
+def model_skeleton(path: str, trust_remote_code: bool = False, key: str = "model.path"):
+    """The model's modules and shapes on the meta device, built from its config.json alone (no weight is read or
+    allocated); None when `path` is not a local model directory (a hub id)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not Path(path).expanduser().exists():
+        return None
+    _check_source(path, key)  # a directory, with a config.json
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{key}={path}: cannot build a causal LM from its config.json ({str(e).splitlines()[0]})") \
+            from None
+
+
 def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.path"):
     """A causal LM in train mode-ready form (dropout settings from its config), on CPU, in `dtype`."""
     from transformers import AutoModelForCausalLM

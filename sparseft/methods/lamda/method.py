@@ -62,27 +62,40 @@ class Lamda(Method):
         return {spec.proj_path(layer, role): spec.proj(model, layer, role)
                 for layer in range(spec.num_layers) for role in self.cfg.projections}
 
-    def select(self, model: nn.Module, ctx: MethodContext) -> dict:
-        """Each adapted linear's rank, and the SVD start (kept for prepare; written to the run directory)."""
-        cfg, spec = self.cfg, arch_of(model)
-        linears = self._linears(model, spec)
-        caps = {p: min(m.weight.shape) for p, m in linears.items()}
-        selection: dict = {"projections": list(cfg.projections), "rank_allocation": cfg.rank_allocation,
-                           "init": cfg.init}
+    def _caps(self, model: nn.Module) -> dict[str, int]:
+        """Each adapted linear's largest possible rank (min of its weight's shape); a UserError naming the key when the
+        recipe's rank (uniform) or total rank (LaMDA++) does not fit."""
+        cfg = self.cfg
+        caps = {p: min(m.weight.shape) for p, m in self._linears(model, arch_of(model)).items()}
         if cfg.rank_allocation == "uniform":
             small = {p: c for p, c in caps.items() if c < cfg.r}
             if small:
                 p, c = next(iter(small.items()))
                 raise UserError(f"method.r={cfg.r}: larger than {p}'s largest possible rank {c} "
                                 f"(min of its weight's shape); lower r or drop that projection")
+        elif not len(caps) <= self._budget(len(caps)) <= sum(caps.values()):
+            key, value = ("method.rank_budget", cfg.rank_budget) if cfg.rank_budget else ("method.r", cfg.r)
+            raise UserError(f"{key}={value}: a total rank of {self._budget(len(caps))} over {len(caps)} linears must "
+                            f"be between {len(caps)} (rank 1 each) and {sum(caps.values())} (each at full rank)")
+        return caps
+
+    def _budget(self, n_linears: int) -> int:
+        return self.cfg.rank_budget or self.cfg.r * n_linears
+
+    def check(self, model: nn.Module) -> None:
+        self._caps(model)
+
+    def select(self, model: nn.Module, ctx: MethodContext) -> dict:
+        """Each adapted linear's rank, and the SVD start (kept for prepare; written to the run directory)."""
+        cfg, spec = self.cfg, arch_of(model)
+        linears = self._linears(model, spec)
+        caps = self._caps(model)
+        selection: dict = {"projections": list(cfg.projections), "rank_allocation": cfg.rank_allocation,
+                           "init": cfg.init}
+        if cfg.rank_allocation == "uniform":
             ranks = {p: cfg.r for p in linears}
         else:
-            budget = cfg.rank_budget or cfg.r * len(linears)
-            key = "method.rank_budget" if cfg.rank_budget else "method.r"
-            value = cfg.rank_budget or cfg.r
-            if not len(linears) <= budget <= sum(caps.values()):
-                raise UserError(f"{key}={value}: a total rank of {budget} over {len(linears)} linears must be between "
-                                f"{len(linears)} (rank 1 each) and {sum(caps.values())} (each at full rank)")
+            budget = self._budget(len(linears))
             erank = {p: effective_rank(singular_values(m.weight)) for p, m in linears.items()}
             ranks = dict(zip(linears, allocate_ranks(list(erank.values()), budget, list(caps.values()))))
             selection.update(budget=budget, effective_rank={p: round(e, 3) for p, e in erank.items()})

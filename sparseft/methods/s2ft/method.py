@@ -17,7 +17,7 @@ from sparseft.methods.base import Method, MethodContext, register
 from sparseft.methods.s2ft.config import S2FTConfig
 from sparseft.methods.s2ft.layers import SliceLinear
 from sparseft.methods.s2ft.permute import Orders, expand, layer_orders, permute_model
-from sparseft.methods.s2ft.select import UNIT, check_selection, select_units, summary
+from sparseft.methods.s2ft.select import UNIT, budgets, check_selection, select_units, summary
 from sparseft.models.arch import ATTN_ROLES, COL_ROLES, ArchSpec, arch_of, set_module
 
 # Attribute on a prepared model: what merged() and save_adapter() need to undo prepare(), whichever Method instance
@@ -42,6 +42,10 @@ class S2FT(Method):
     config_cls = S2FTConfig
     has_adapter = True
     cfg: S2FTConfig
+
+    def check(self, model: nn.Module) -> None:
+        """The heads and channels budgets fit the model's kv groups and FFN channels."""
+        budgets(arch_of(model), self.cfg)
 
     def select(self, model: nn.Module, ctx: MethodContext) -> dict:
         seed = self.cfg.seed

@@ -33,14 +33,7 @@ def select_units(model: nn.Module, cfg: S2FTConfig, seed: int,
     spec = arch_of(model)
     attn = [r for r in cfg.projections if r in ATTN_ROLES]
     mlp = [r for r in cfg.projections if r in MLP_ROLES]
-    # Budgets first: a recipe error should not wait for a calibration pass.
-    n_heads = _budget_units(cfg.heads, spec.num_kv_heads, spec.num_layers, cfg.scope, "method.heads", "kv groups") \
-        if attn else 0
-    n_chans = _budget_units(cfg.channels, spec.intermediate_size, spec.num_layers, cfg.scope, "method.channels",
-                            "FFN channels") if mlp else 0
-    if n_heads == 0 and n_chans == 0:
-        raise UserError(f"method: heads ({cfg.heads}) and channels ({cfg.channels}) select nothing to train for "
-                        f"projections {cfg.projections}; raise a budget")
+    n_heads, n_chans = budgets(spec, cfg)  # first: a recipe error should not wait for a calibration pass
 
     if cfg.strategy == "random":
         g = torch.Generator().manual_seed(seed)
@@ -72,6 +65,21 @@ def select_units(model: nn.Module, cfg: S2FTConfig, seed: int,
         "heads": pick(head_scores, n_heads, cfg.scope, cfg.order) if attn else empty,
         "channels": pick(chan_scores, n_chans, cfg.scope, cfg.order) if mlp else dict(empty),
     }
+
+
+def budgets(spec: ArchSpec, cfg: S2FTConfig) -> tuple[int, int]:
+    """Units the recipe's budgets ask for on this model (kv groups, FFN channels: per layer, or in all for scope
+    global); a UserError naming the key when a budget does not fit or nothing would train."""
+    attn = any(r in ATTN_ROLES for r in cfg.projections)
+    mlp = any(r in MLP_ROLES for r in cfg.projections)
+    n_heads = _budget_units(cfg.heads, spec.num_kv_heads, spec.num_layers, cfg.scope, "method.heads", "kv groups") \
+        if attn else 0
+    n_chans = _budget_units(cfg.channels, spec.intermediate_size, spec.num_layers, cfg.scope, "method.channels",
+                            "FFN channels") if mlp else 0
+    if n_heads == 0 and n_chans == 0:
+        raise UserError(f"method: heads ({cfg.heads}) and channels ({cfg.channels}) select nothing to train for "
+                        f"projections {cfg.projections}; raise a budget")
+    return n_heads, n_chans
 
 
 def _budget_units(budget: Budget, per_layer: int, layers: int, scope: str, key: str, what: str) -> int:
