@@ -114,8 +114,7 @@ def validate(
         task = load_task(recipe, key="task")
         console.print(f"[green]ok[/] {recipe}: eval task {task.name}", highlight=False)
         return
-    from sparseft.methods import build_method
-    from sparseft.models.loader import model_skeleton
+    from sparseft.methods import build_method, check_against_config
 
     r = load_recipe(recipe, overrides or [])
     method = build_method(r.method)
@@ -123,11 +122,7 @@ def validate(
         from sparseft.train.distributed import check_method_stage, resolve_ds_config, zero_stage
 
         check_method_stage(method, zero_stage(resolve_ds_config(r)))
-    # The method's settings against the model's shapes, from its config.json alone (no weights are read).
-    skeleton = model_skeleton(r.model.path, r.model.trust_remote_code)
-    if skeleton is not None:
-        method.check(skeleton)
-    checked = "checked against its config" if skeleton is not None else "not checked: not a local directory"
+    checked = "checked against its config" if check_against_config(method, r) else "not checked: not a local directory"
     console.print(f"[green]ok[/] {recipe}: method {r.method.name}, model {r.model.path} ({checked}), "
                   f"{r.train.max_steps} steps", highlight=False)
 

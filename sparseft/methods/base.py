@@ -132,6 +132,17 @@ def method_config_classes() -> list[type[MethodConfig]]:
     return [_REGISTRY[n].config_cls for n in method_names()]
 
 
+def check_against_config(method: Method, recipe: "Recipe") -> bool:
+    """`method.check` on the recipe's model built from its config.json alone (meta device, no weights read), before
+    anything loads or launches. False when model.path is not a local directory (nothing checked)."""
+    from sparseft.models.loader import model_skeleton
+
+    skeleton = model_skeleton(recipe.model.path, recipe.model.trust_remote_code)
+    if skeleton is not None:
+        method.check(skeleton)
+    return skeleton is not None
+
+
 def build_method(cfg: MethodConfig) -> Method:
     name = getattr(cfg, "name", None)
     if name not in _REGISTRY:

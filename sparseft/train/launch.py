@@ -24,8 +24,9 @@ from sparseft.errors import UserError
 
 def launch_train(recipe_path: Path, overrides: list[str], nproc: int | None, hostfile: Path | None,
                  master_port: int | None, resume: bool, overwrite: bool) -> int:
-    """Check, prepare, launch `sparseft train` on the ranks; returns the job's exit code."""
-    from sparseft.methods import build_method
+    """Check (the recipe, its DeepSpeed config, the method against the model's config), prepare, launch `sparseft train`
+    on the ranks; returns the job's exit code."""
+    from sparseft.methods import build_method, check_against_config
     from sparseft.recipe import load_recipe
     from sparseft.train.checkpoint import RunDir
     from sparseft.train.distributed import check_method_stage, resolve_ds_config, zero_stage
@@ -33,7 +34,9 @@ def launch_train(recipe_path: Path, overrides: list[str], nproc: int | None, hos
 
     check_launch_args(nproc, hostfile)
     recipe = load_recipe(recipe_path, overrides)
-    check_method_stage(build_method(recipe.method), zero_stage(resolve_ds_config(recipe)))
+    method = build_method(recipe.method)
+    check_method_stage(method, zero_stage(resolve_ds_config(recipe)))
+    check_against_config(method, recipe)
     prepare_run_dir(RunDir(Path(recipe.train.output_dir)), recipe, resume, overwrite)
     args = ["train", str(recipe_path), *overrides] + ["--resume"] * resume + ["--overwrite"] * overwrite
     return launch("sparseft.cli", args, nproc, hostfile, master_port)
