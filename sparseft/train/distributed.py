@@ -256,7 +256,8 @@ class DeepSpeedEngine:
     - `backward(loss, batch)`: the caller has divided the loss by grad_accum_steps, as for `Engine`.
     - `step()`: the optimizer stepped inside the last `backward` (DeepSpeed counts micro-steps); this advances our
       schedule and reports loss and tokens over all ranks, lr and the gradient norm before clipping.
-    - `gather(params)` / `state_dict()` / `load_state_dict()`: full tensors in the single-process format.
+    - `gather(params)` / `state_dict()` / `load_state_dict()`: full tensors in the single-process format (kept on rank 0,
+      which writes them; every rank takes part in gathering).
     """
 
     def __init__(self, model: nn.Module, param_groups: list[dict], recipe: Recipe, ranks: Ranks, method=None):
@@ -324,13 +325,15 @@ class DeepSpeedEngine:
 
     # --- state -------------------------------------------------------------------------------------------------------
     def gather(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        """Full copies of `params` on CPU (ZeRO-3 holds only partitions: gather them; every rank takes part)."""
+        """Full copies of `params` on CPU, on rank 0 (which writes them); ZeRO-3 holds only partitions, so every rank
+        takes part in gathering each one, and the others keep nothing (no rank but 0 holds a whole copy in memory)."""
         import deepspeed
 
         out = {}
         for name, p in params.items():
             with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
-                out[name] = p.detach().to("cpu", copy=True).contiguous()
+                if self.is_main:
+                    out[name] = p.detach().to("cpu", copy=True).contiguous()
         return out
 
     def state_dict(self) -> dict:
@@ -349,7 +352,8 @@ class DeepSpeedEngine:
                 for key, value in self._state_of(i, p).items():
                     if torch.is_tensor(value) and value.dim() > 0:  # moments: full-size, gathered from the partitions
                         full = safe_get_full_optimizer_state(p, key) if _partitioned(p) else value
-                        entry[key] = full.detach().to("cpu", copy=True).reshape(_shape(p))
+                        if self.is_main:  # the others took part in gathering; rank 0 alone keeps and writes it
+                            entry[key] = full.detach().to("cpu", copy=True).reshape(_shape(p))
                     else:  # AdamW's step: one for the whole flat partition, so for each of its parameters
                         entry[key] = value.clone() if torch.is_tensor(value) else value
                 if entry:
@@ -360,9 +364,12 @@ class DeepSpeedEngine:
             start += n
         out = {"optimizer": {"state": state, "param_groups": groups}, "scheduler": self.scheduler.state_dict()}
         if self.config["bf16"]["enabled"]:
+            out["master"] = {}
             with _requiring_grad(self.params):
-                out["master"] = {i: safe_get_full_fp32_param(p).detach().to("cpu", copy=True).reshape(_shape(p))
-                                 for i, p in enumerate(self.params)}
+                for i, p in enumerate(self.params):
+                    master = safe_get_full_fp32_param(p)
+                    if self.is_main:
+                        out["master"][i] = master.detach().to("cpu", copy=True).reshape(_shape(p))
         return out
 
     def load_state_dict(self, state: dict) -> None:
