@@ -86,11 +86,11 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     model.train()
 
     trainable = method.trainable_parameters(model)
+    n_train = sum(p.numel() for p in trainable.values())  # before the engine: ZeRO-3 leaves each rank a partition
     if ckpt is not None:
         load_trainable(model, ckpt / TRAINABLE)  # before the engine: DeepSpeed starts its partitions from them
     groups = method.optimizer_param_groups(model, t.weight_decay)
     engine = DeepSpeedEngine(model, groups, recipe, ranks, method) if ranks.launched else Engine(model, groups, t)
-    n_train = sum(p.numel() for p in trainable.values())
     reporter.info(f"method {method.name}: {n_train:,} trainable parameters; the base model has {n_base:,} "
                   f"({100 * n_train / n_base:.3f}%)" + (f"; {ranks.world} ranks, ZeRO stage {engine.stage}"
                                                          if ranks.launched else ""))

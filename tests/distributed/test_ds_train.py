@@ -153,6 +153,8 @@ def test_cli_nproc_zero3(runs, tmp_path):
     print(f"2-rank CLI run (s2ft, ZeRO-3): {time.perf_counter() - began:.1f}s")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 ranks, ZeRO stage 3" in proc.stdout and proc.stdout.count("done 6 steps") == 1
+    n_train = sum(t.numel() for t in load_file(str(single / "final" / "trainable.safetensors")).values())
+    assert f"method s2ft: {n_train:,} trainable parameters" in proc.stdout  # counted before ZeRO-3 partitions them
     a, b = losses(out), losses(single)
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     assert_close(load_file(str(out / "final" / "trainable.safetensors")),
