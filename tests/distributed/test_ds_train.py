@@ -137,8 +137,7 @@ def test_two_ranks_equal_one_process(runs, method, tmp_path):
     shutil.rmtree(ranks / "final")
     result = train(load_recipe(recipe), resume=True)
     assert result.steps == STEPS - SAVE and (ranks / "final" / "trainable.safetensors").is_file()
-    assert [r["step"] for r in map(json.loads, (ranks / "metrics.jsonl").read_text().splitlines())] == \
-        list(range(1, STEPS + 1))
+    assert [r["step"] for r in records(ranks)] == list(range(1, STEPS + 1))
 
 
 def test_cli_nproc_zero3(runs, tmp_path):
@@ -174,8 +173,8 @@ def test_failing_rank_stops_the_job(capfd):
 def test_hift_single_process_checkpoint_is_refused_under_zero(tiny_model_dir, tmp_path):
     """One process parks HiFT's waiting groups' optimizer state with the method, by weight; ZeRO holds state in flat
     partitions, so resuming such a checkpoint there is refused with a message (exit code 2), not continued wrongly."""
-    recipe = write_recipe(tmp_path, tiny_model_dir("llama"), {"name": "hift"}, distributed={"config": "configs/zero2.json"},
-                          train={**TRAIN, "output_dir": str(tmp_path / "run")})
+    recipe = write_recipe(tmp_path, tiny_model_dir("llama"), {"name": "hift"},
+                          distributed={"config": "configs/zero2.json"}, train={**TRAIN, "output_dir": str(tmp_path / "run")})
     train(load_recipe(recipe))  # not launched: one process (the distributed section applies to ranks only)
     shutil.rmtree(tmp_path / "run" / "final")
     proc = subprocess.run([sys.executable, "-m", "sparseft.cli", "train", str(recipe), "--nproc", "2", "--resume"],
@@ -203,7 +202,11 @@ def test_two_nodes_of_one_rank_each(runs, tmp_path):
                                "--no_local_rank", "--log_level=warning", "sparseft.cli", "train", str(recipe),
                                f"train.output_dir={out}"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for k in (0, 1)]
-    logs = [node.communicate(timeout=300)[0] for node in nodes]
+    try:
+        logs = [node.communicate(timeout=300)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()  # a no-op for one that has finished
     assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "2 ranks, ZeRO stage 2" in logs[0] and "step 6/6" in logs[0] and "done 6 steps" in logs[0]
     assert "step 6/6" not in logs[1] and "done" not in logs[1]  # the second host's rank computes, and reports nothing
