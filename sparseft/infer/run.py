@@ -61,14 +61,18 @@ def adapter_labels(adapters: Sequence[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{i}:{n}" for i, n in enumerate(names)]
 
 
-def resolve_adapter(ref: Any, labels: Sequence[str], where: str) -> list[int]:
-    """The adapter indices a row runs with (BASE for the model alone)."""
+def resolve_adapter(ref: Any, labels: Sequence[str], where: str, paths: Sequence[str] = ()) -> list[int]:
+    """The adapter indices a row runs with (BASE for the model alone): a label, an index, or the path given to
+    --adapter (`paths`)."""
     if ref is None:
         return list(range(len(labels))) or [BASE]
     if ref == "base":
         return [BASE]
     if isinstance(ref, str) and ref in labels:
         return [labels.index(ref)]
+    resolved = [Path(p).expanduser().resolve() for p in paths]
+    if isinstance(ref, str) and ref and Path(ref).expanduser().resolve() in resolved:
+        return [resolved.index(Path(ref).expanduser().resolve())]
     if isinstance(ref, str) and ref.strip().lstrip("-").isdigit():
         ref = int(ref)
     if isinstance(ref, int) and not isinstance(ref, bool) and 0 <= ref < len(labels):
@@ -96,7 +100,7 @@ def run_generation(model_path: str, requests: Sequence[Request], adapters: Seque
     if not requests:
         raise UserError("generate: give --prompt TEXT or --prompts FILE")
     labels = adapter_labels(adapters)
-    jobs = [(req, a) for req in requests for a in resolve_adapter(req.adapter, labels, req.where)]
+    jobs = [(req, a) for req in requests for a in resolve_adapter(req.adapter, labels, req.where, adapters)]
     from sparseft.export.apply import adapter_method
 
     methods = [adapter_method(a) for a in adapters]  # a missing or malformed adapter fails before the model loads

@@ -63,12 +63,14 @@ def test_mixed_adapter_generation_equals_each_fused(s2ft_pair):
 
 def test_generate_rows_name_their_adapters(s2ft_pair):
     labels = [a.rsplit("/", 1)[1] for a in s2ft_pair.adapters]  # adapter1, adapter2
+    # By label, by index, "base", none (each adapter in turn), and by the path given to --adapter.
     reqs = [Request({"prompt": "3 + 4 =", "id": 7}, "r1", labels[1]), Request({"prompt": "Sparse"}, "r2", 0),
-            Request({"prompt": "9 + 9 ="}, "r3", "base"), Request({"prompt": "The quick"}, "r4")]
+            Request({"prompt": "9 + 9 ="}, "r3", "base"), Request({"prompt": "The quick"}, "r4"),
+            Request({"prompt": "1 + 1 ="}, "r5", str(s2ft_pair.adapters[1]))]
     out = run_generation(s2ft_pair.base, reqs, s2ft_pair.adapters, Sampling(max_new_tokens=6), batch_size=3)
     assert [(r["prompt"], r["adapter"]) for r in out] == [
         ("3 + 4 =", labels[1]), ("Sparse", labels[0]), ("9 + 9 =", None), ("The quick", labels[0]),
-        ("The quick", labels[1])]
+        ("The quick", labels[1]), ("1 + 1 =", labels[1])]
     assert out[0]["id"] == 7
     # Each row's text is what its merged model (or the base) generates for it.
     paths = [s2ft_pair.base if r["adapter"] is None else s2ft_pair.merged[labels.index(r["adapter"])] for r in out]
