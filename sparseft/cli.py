@@ -25,6 +25,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 recipes_app = typer.Typer(no_args_is_help=True, help="The bundled recipes: list them, copy one to edit.")
 app.add_typer(recipes_app, name="recipes")
 
+
 def _console(stderr: bool = False) -> Console:
     """Messages and paths stay on one line (copyable, greppable). Off a terminal (CI logs, `| tee`) without COLUMNS,
     tables get 200 columns rather than Rich's 80, so a table of several models stays readable."""
