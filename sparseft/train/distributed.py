@@ -327,11 +327,9 @@ class DeepSpeedEngine:
     def gather(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Full copies of `params` on CPU, on rank 0 (which writes them); ZeRO-3 holds only partitions, so every rank
         takes part in gathering each one, and the others keep nothing (no rank but 0 holds a whole copy in memory)."""
-        import deepspeed
-
         out = {}
         for name, p in params.items():
-            with deepspeed.zero.GatheredParameters([p], enabled=hasattr(p, "ds_id")):
+            with full_parameters([p]):
                 if self.is_main:
                     out[name] = p.detach().to("cpu", copy=True).contiguous()
         return out
@@ -345,7 +343,7 @@ class DeepSpeedEngine:
 
         base = self.optimizer
         self._link_state_fragments()
-        state = {}
+        state, masters = {}, {}
         with _requiring_grad(self.params):
             for i, p in enumerate(self.params):
                 entry = {}
@@ -358,18 +356,17 @@ class DeepSpeedEngine:
                         entry[key] = value.clone() if torch.is_tensor(value) else value
                 if entry:
                     state[i] = entry
+                if self.config["bf16"]["enabled"]:
+                    master = safe_get_full_fp32_param(p)
+                    if self.is_main:
+                        masters[i] = master.detach().to("cpu", copy=True).reshape(_shape(p))
         groups, start = [], 0
         for g, n in zip(base.param_groups, self._group_sizes):
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": list(range(start, start + n))})
             start += n
         out = {"optimizer": {"state": state, "param_groups": groups}, "scheduler": self.scheduler.state_dict()}
         if self.config["bf16"]["enabled"]:
-            out["master"] = {}
-            with _requiring_grad(self.params):
-                for i, p in enumerate(self.params):
-                    master = safe_get_full_fp32_param(p)
-                    if self.is_main:
-                        out["master"][i] = master.detach().to("cpu", copy=True).reshape(_shape(p))
+            out["master"] = masters
         return out
 
     def load_state_dict(self, state: dict) -> None:
