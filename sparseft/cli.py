@@ -211,8 +211,15 @@ def eval_cmd(
                                                                  "better), e.g. exact_match=0.5.")] = None,
     fail_over: Annotated[Optional[list[str]], typer.Option(help="[TASK.]METRIC=VALUE: exit 1 if above (lower is "
                                                                 "better), e.g. perplexity=2.5.")] = None,
-    max_length: Annotated[int, typer.Option(help="--data: tokens per example.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="--data: examples per forward.")] = 8,
+    max_length: Annotated[int, typer.Option(help="--data: tokens per window (longer rows are scored in rolling "
+                                                 "windows).")] = 512,
+    batch_size: Annotated[int, typer.Option(help="--data and harness tasks: sequences per forward.")] = 8,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Score at most N rows of every task (harness tasks "
+                                                         "too).")] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(min=0, help="Harness tasks: few-shot examples (default: "
+                                                               "each task's own).")] = None,
+    apply_chat_template: Annotated[bool, typer.Option(help="Harness tasks: render prompts with the tokenizer's "
+                                                           "chat template.")] = False,
 ):
     """Score a model (alone, or with each adapter in turn) on tasks: perplexity, exact match, multiple choice, and
     lm-evaluation-harness tasks; a table, JSON and CI gates."""
@@ -224,16 +231,18 @@ def eval_cmd(
         raise UserError(f"--form {form!r}: expected text, instruction, chat or completion")
     tasks = [data_task(str(data), form, max_length, batch_size)] if data is not None else []
     tasks += [load_task(t) for t in task or []]
-    if harness_task:
-        from sparseft.eval.harness import require_harness
+    tasks = [t.model_copy(update={"limit": min(limit, t.limit or limit)}) for t in tasks] if limit else tasks
+    from sparseft.eval.harness import HarnessOptions, require_harness
 
+    if harness_task:
         require_harness()
     under, over = parse_gates(fail_under or [], "--fail-under"), parse_gates(fail_over or [], "--fail-over")
-    if not harness_task:
-        check_gate_names(tasks, {"--fail-under": under, "--fail-over": over})
+    check_gate_names(tasks, {"--fail-under": under, "--fail-over": over}, harness=bool(harness_task))
     rows: list | None = [] if samples is not None else None
     results = evaluate(model, tasks, adapter or [], baseline or [], harness_task or [], samples=rows,
-                       log=lambda s: err_console.print(f"[dim]scoring {s}[/]", highlight=False))
+                       log=lambda s: err_console.print(f"[dim]scoring {s}[/]", highlight=False),
+                       warn=lambda s: err_console.print(f"[yellow]warning:[/] {s}", highlight=False),
+                       harness_options=HarnessOptions(batch_size, limit, num_fewshot, apply_chat_template))
     console.print(results_table(results))
     if json_out is not None:
         write_json(results, json_out)

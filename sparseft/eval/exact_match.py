@@ -17,6 +17,7 @@ from sparseft.data.example import bos_ids, get_text, tokenize
 from sparseft.data.forms import check_form, instruction_prompt
 from sparseft.errors import UserError
 from sparseft.eval.rows import data_where, shot_rows, task_rows
+from sparseft.eval.stats import binomial_stderr
 from sparseft.eval.tasks import ExactMatchTask
 from sparseft.infer.generate import Sampling, generate
 from sparseft.infer.prompts import chat_prompt_ids
@@ -49,6 +50,7 @@ def extract_answer(text: str, rule: str, pattern: str | None = None) -> str | No
 class Item:
     prompt_ids: list[int]
     reference: str  # the extracted reference answer
+    truncated: bool = False  # the prompt was cut from the left to max_length
 
 
 def _split(row: dict, task: ExactMatchTask, where: str) -> tuple[Any, str]:
@@ -90,18 +92,25 @@ def build_items(task: ExactMatchTask, tokenizer: Any) -> list[Item]:
         if not ids:
             raise UserError(f"{where}: the prompt is empty and the tokenizer adds no BOS token, so there is nothing "
                             "to generate from")
-        items.append(Item(ids[-task.max_length:], ref))
+        items.append(Item(ids[-task.max_length:], ref, len(ids) > task.max_length))
     return items
 
 
 def exact_match(model: Any, tokenizer: Any, task: ExactMatchTask, items: list[Item] | None = None,
                 samples: list | None = None) -> dict:
-    """{"exact_match": fraction correct, "correct", "n"}; `samples`, if given, receives one dict a row."""
+    """{"exact_match": fraction correct, its standard error, "correct", "n", "truncated"}; `samples`, if given,
+    receives one dict a row."""
     items = build_items(task, tokenizer) if items is None else items
     g = task.generation
     sampling = Sampling(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, seed=g.seed,
                         stop=tuple(g.stop))
-    outputs = generate(model, tokenizer, [it.prompt_ids for it in items], sampling, batch_size=task.batch_size)
+    # Longest prompts first, so a batch holds prompts of about one length (little padding); each prompt has its own
+    # generator, so the order changes no text.
+    order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt_ids))
+    done = generate(model, tokenizer, [items[i].prompt_ids for i in order], sampling, batch_size=task.batch_size)
+    outputs = [None] * len(items)
+    for i, out in zip(order, done):
+        outputs[i] = out
     correct = 0
     for it, out in zip(items, outputs):
         pred = extract_answer(out.text, task.answer, task.pattern)
@@ -109,4 +118,5 @@ def exact_match(model: Any, tokenizer: Any, task: ExactMatchTask, items: list[It
         correct += ok
         if samples is not None:
             samples.append({"generated": out.text, "prediction": pred, "reference": it.reference, "correct": ok})
-    return {"exact_match": correct / max(len(items), 1), "correct": correct, "n": len(items)}
+    return {"exact_match": correct / max(len(items), 1), "exact_match_stderr": binomial_stderr(correct, len(items)),
+            "correct": correct, "n": len(items), "truncated": sum(it.truncated for it in items)}

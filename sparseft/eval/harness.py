@@ -5,13 +5,17 @@
     sparseft eval base/ --adapter a/ --harness-task my_tasks/arith.yaml    # a task YAML of your own, local data
 
 A YAML path is loaded from its directory (lm-eval's `include_path`) and run by the `task:` name inside it. Requests
-are tokenised as sparseft tokenises training data: BOS where the tokenizer adds one, context and continuation each
-on its own. Results come back as {metric: value}, the harness's filter appended after a colon when it is not "none"
-(`exact_match:strict-match`), and `n` (rows scored); standard errors are left out.
+are tokenised as lm-eval's HFLM tokenises them (sparseft's native multiple choice does the same, see choice.py):
+BOS where the tokenizer adds one, context and continuation together then split, an empty context replaced by BOS
+(else EOS). Log-likelihoods share each context's forward across its continuations; rolling log-likelihoods use
+disjoint windows of the model's context length (perplexity.py). Results come back as {metric: value} with
+`<metric>_stderr` beside each, the harness's filter appended after a colon when it is not "none"
+(`exact_match:strict-match`), and `n` (rows scored).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,44 +32,50 @@ def require_harness() -> None:
             from None
 
 
-def make_lm(model: Any, tokenizer: Any, batch_size: int = 8, max_length: int = 2048):
-    """A harness `LM` scoring with `model` as it is now (fused or PEFT-wrapped adapters included)."""
+def make_lm(model: Any, tokenizer: Any, batch_size: int = 8, max_length: int | None = None):
+    """A harness `LM` scoring with `model` as it is now (fused or PEFT-wrapped adapters included). `max_length`
+    defaults to the model's context length, read from its config as lm-eval's HFLM reads it."""
     from lm_eval.api.model import LM
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.models.utils import resolve_max_length
 
     from sparseft.data import pad_token_id
-    from sparseft.data.example import bos_ids, tokenize
-    from sparseft.eval.choice import continuation_logprobs
+    from sparseft.data.example import tokenize
+    from sparseft.eval.choice import encode_pair, fit, score_choices, text_ids
+    from sparseft.eval.perplexity import Document, document_nll
     from sparseft.infer.generate import Sampling, generate
 
+    if max_length is None:
+        max_length = resolve_max_length(getattr(model, "config", None), tokenizer)
+    pad = pad_token_id(tokenizer)
+    # What an empty context starts from, and the first token of every rolling document: BOS, else EOS (lm-eval's).
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
     class SparseftLM(LM):
-        def __init__(self):
-            super().__init__()
-            self.prefix = bos_ids(tokenizer) or [tokenizer.eos_token_id]  # what an empty context starts from
+        max_length: int
 
-        def _context(self, text: str) -> list[int]:
-            return bos_ids(tokenizer) + tokenize(tokenizer, text) if text else list(self.prefix)
-
-        def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-            pairs = []
-            for r in requests:
+        def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+            groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # context -> [(request, continuation)]
+            for i, r in enumerate(requests):
                 context, cont = r.args[0], r.args[1]
-                cont_ids = tokenize(tokenizer, cont)
-                ctx_ids = self._context(context)[-(max_length - len(cont_ids)):]
-                pairs.append((ctx_ids, cont_ids))
-            return continuation_logprobs(model, pairs, batch_size, pad_token_id(tokenizer))
-
-        def loglikelihood_rolling(self, requests) -> list[float]:
-            out = []
-            for r in requests:
-                windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                    tokenize(tokenizer, r.args[0]), self.prefix[0], max_length, 1)]
-                out.append(sum(s for s, _ in continuation_logprobs(model, windows, batch_size,
-                                                                   pad_token_id(tokenizer))))
+                ctx_ids, cont_ids = ([prefix], tokenize(tokenizer, cont)) if context == "" \
+                    else encode_pair(tokenizer, context, cont)
+                groups.setdefault(tuple(ctx_ids), []).append((i, cont_ids))
+            keys = list(groups)
+            scored = score_choices(model, [(fit(list(k), [c for _, c in groups[k]], max_length),
+                                            [c for _, c in groups[k]]) for k in keys], batch_size, pad)
+            out: list = [None] * len(requests)
+            for k, results in zip(keys, scored):
+                for (i, _), result in zip(groups[k], results):
+                    out[i] = result
             return out
 
-        def generate_until(self, requests) -> list[str]:
-            # Every request may carry its own settings: requests with the same ones share batches.
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            docs = [Document(ids, ids, 0, 0) for ids in ([prefix] + tokenize(tokenizer, r.args[0]) for r in requests)]
+            nll, _ = document_nll(model, docs, max_length, None, batch_size, pad)
+            return [-float(x) for x in nll]
+
+        def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+            # Every request may carry its own settings: requests with the same ones share batches, longest first.
             by_settings: dict[Sampling, list[int]] = {}
             prompts = []
             for i, r in enumerate(requests):
@@ -76,9 +86,10 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int = 8, max_length: int = 2
                                     temperature=float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0,
                                     top_p=float(kw.get("top_p") or 1.0), stop=tuple(until))
                 by_settings.setdefault(sampling, []).append(i)
-                prompts.append(self._context(context)[-max_length:])
+                prompts.append((text_ids(tokenizer, context) if context else [prefix])[-max_length:])
             texts = [""] * len(requests)
             for sampling, rows in by_settings.items():
+                rows = sorted(rows, key=lambda i: -len(prompts[i]))
                 done = generate(model, tokenizer, [prompts[i] for i in rows], sampling, batch_size=batch_size)
                 for i, g in zip(rows, done):
                     texts[i] = g.text
@@ -92,7 +103,9 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int = 8, max_length: int = 2
             return tokenizer.apply_chat_template(chat_history, tokenize=False,
                                                  add_generation_prompt=add_generation_prompt)
 
-    return SparseftLM()
+    lm = SparseftLM()
+    lm.max_length = max_length
+    return lm
 
 
 def _task_names(items: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -128,8 +141,8 @@ def _metrics(task_result: dict) -> dict[str, float]:
     out = {}
     for key, value in task_result.items():
         metric, _, filt = key.partition(",")
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or metric.endswith("_stderr"):
-            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue  # "N/A" where the harness computed no standard error
         if metric == "sample_len":  # the number of rows scored
             out["n"] = int(value)
             continue
@@ -137,8 +150,19 @@ def _metrics(task_result: dict) -> dict[str, float]:
     return out
 
 
-def run_harness(model: Any, tokenizer: Any, items: Sequence[str], batch_size: int = 8,
-                limit: int | None = None) -> list[tuple[str, dict[str, float]]]:
+@dataclass(frozen=True)
+class HarnessOptions:
+    """What `sparseft eval` passes through to lm-eval's `simple_evaluate`."""
+
+    batch_size: int = 8
+    limit: int | None = None  # rows per task at most
+    num_fewshot: int | None = None  # None: each task's own
+    apply_chat_template: bool = False
+    bootstrap_iters: int = 1000  # standard errors of bootstrapped metrics (perplexities); 0 leaves them out
+
+
+def run_harness(model: Any, tokenizer: Any, items: Sequence[str],
+                options: HarnessOptions = HarnessOptions()) -> list[tuple[str, dict[str, float]]]:
     """Run harness tasks (names or YAML paths) on the in-memory model: [(task, metrics)] in the harness's order."""
     require_harness()
     import lm_eval
@@ -153,8 +177,10 @@ def run_harness(model: Any, tokenizer: Any, items: Sequence[str], batch_size: in
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        out = lm_eval.simple_evaluate(model=make_lm(model, tokenizer, batch_size), tasks=names, task_manager=manager,
-                                      limit=limit, bootstrap_iters=0, log_samples=False)
+        out = lm_eval.simple_evaluate(model=make_lm(model, tokenizer, options.batch_size), tasks=names,
+                                      task_manager=manager, limit=options.limit, num_fewshot=options.num_fewshot,
+                                      apply_chat_template=options.apply_chat_template,
+                                      bootstrap_iters=options.bootstrap_iters, log_samples=False)
     except (ConnectionError, FileNotFoundError) as e:  # a data set it could not fetch or find
         raise UserError(f"--harness-task {', '.join(items)}: the harness could not load a data set: "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (named tasks download theirs from "

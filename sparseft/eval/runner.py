@@ -13,17 +13,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from sparseft.data import encode_rows, pad_token_id
-from sparseft.data.forms import check_form
+from sparseft.data import pad_token_id
 from sparseft.errors import UserError
-from sparseft.eval.perplexity import perplexity
-from sparseft.eval.rows import task_rows
+from sparseft.eval.perplexity import build_documents, rolling_perplexity
 from sparseft.eval.tasks import ExactMatchTask, MultipleChoiceTask, PerplexityTask, Task
 from sparseft.infer.loading import LoadedModel, load_for_inference
 
 # The metrics each task type reports; gates naming anything else are refused before a model loads.
-TASK_METRICS = {"perplexity": ("perplexity", "loss", "tokens"), "exact_match": ("exact_match", "correct", "n"),
-                "multiple_choice": ("accuracy", "correct", "n")}
+_PPL = ("perplexity", "loss", "word_perplexity", "byte_perplexity", "bits_per_byte")
+TASK_METRICS = {
+    "perplexity": _PPL + tuple(f"{m}_stderr" for m in _PPL) + ("tokens", "words", "bytes", "documents"),
+    "exact_match": ("exact_match", "exact_match_stderr", "correct", "n", "truncated"),
+    "multiple_choice": ("accuracy", "acc", "acc_norm", "accuracy_stderr", "acc_stderr", "acc_norm_stderr", "correct",
+                        "n", "truncated"),
+}
 
 
 @dataclass
@@ -42,11 +45,7 @@ class EvalResult:
 def task_inputs(task: Task, tokenizer: Any, default_form: str = "text"):
     """What a task scores, tokenised once per tokenizer and reused across adapters."""
     if isinstance(task, PerplexityTask):
-        form = task.form or default_form
-        check_form(form, task.fields, task.prompt_template, tokenizer, form_key=f"task {task.name}: form")
-        examples, _ = encode_rows(task_rows(task), form, tokenizer, task.max_length, where=f"task {task.name}: "
-                                  f"data={task.data}", fields=task.fields, prompt_template=task.prompt_template)
-        return examples
+        return build_documents(task, tokenizer, default_form)
     if isinstance(task, ExactMatchTask):
         from sparseft.eval.exact_match import build_items
 
@@ -61,7 +60,7 @@ def run_task(task: Task, model: Any, tokenizer: Any, inputs=None, default_form: 
     """Score one task on an in-memory model (with any adapter already in effect)."""
     inputs = task_inputs(task, tokenizer, default_form) if inputs is None else inputs
     if isinstance(task, PerplexityTask):
-        return perplexity(model, inputs, task.batch_size, pad_token_id(tokenizer))
+        return rolling_perplexity(model, inputs, task.max_length, task.batch_size, pad_token_id(tokenizer), task.stride)
     if isinstance(task, ExactMatchTask):
         from sparseft.eval.exact_match import exact_match
 
@@ -89,9 +88,12 @@ def _variants(loaded: LoadedModel, adapters: Sequence[str], bare: bool) -> Itera
 
 def evaluate(model_path: str, tasks: Sequence[Task], adapters: Sequence[str] = (), baselines: Sequence[str] = (),
              harness_tasks: Sequence[str] = (), dtype: str = "float32", samples: list | None = None,
-             log=lambda s: None) -> list[EvalResult]:
+             log=lambda s: None, harness_options=None, warn=None) -> list[EvalResult]:
     """Every task for each baseline (alone), then for MODEL alone or with each adapter. A baseline that is MODEL
-    itself shares its load. `samples`, if given, receives per-row records of generation and choice tasks."""
+    itself shares its load. `samples`, if given, receives per-row records of generation and choice tasks;
+    `harness_options` (a harness.HarnessOptions) is passed to lm-eval with the harness tasks. `warn` (default `log`)
+    receives what was cut to fit max_length."""
+    warn = warn or log
     if not tasks and not harness_tasks:
         raise UserError("eval: give --data FILE, --task FILE or --harness-task NAME")
     names = [t.name for t in tasks] + list(harness_tasks)
@@ -114,13 +116,17 @@ def evaluate(model_path: str, tasks: Sequence[Task], adapters: Sequence[str] = (
                 log(f"{path}{' + ' + adapter if adapter else ''}: {task.name}")
                 rows: list | None = [] if samples is not None else None
                 metrics = run_task(task, model, loaded.tokenizer, inputs[task.name], loaded.form, rows)
+                if metrics.get("truncated"):
+                    warn(f"{task.name}: {metrics['truncated']} of {metrics['n']} prompts were longer than "
+                         f"max_length={task.max_length} tokens and lost tokens from the left")
                 results.append(EvalResult(path, adapter, task.name, metrics, base_flag))
                 if rows:
                     samples += [{"model": path, "adapter": adapter, "task": task.name, **r} for r in rows]
             if harness_tasks:
-                from sparseft.eval.harness import run_harness
+                from sparseft.eval.harness import HarnessOptions, run_harness
 
-                for name, metrics in run_harness(model, loaded.tokenizer, harness_tasks):
+                for name, metrics in run_harness(model, loaded.tokenizer, harness_tasks,
+                                                 harness_options or HarnessOptions()):
                     results.append(EvalResult(path, adapter, name, metrics, base_flag))
     return results
 
@@ -153,15 +159,18 @@ def parse_gates(items: Sequence[str], flag: str) -> list[Gate]:
     return gates
 
 
-def check_gate_names(tasks: Sequence[Task], gates: dict[str, list[Gate]]) -> None:
-    """Refuse, before any model loads, a gate that no task can satisfy (harness tasks are checked after the run)."""
+def check_gate_names(tasks: Sequence[Task], gates: dict[str, list[Gate]], harness: bool = False) -> None:
+    """Refuse, before any model loads, a gate that no task can satisfy. With `harness` tasks too, a gate naming no
+    task of ours (or a metric none of ours reports) is left for after the run, when the harness's results are known."""
     for flag, items in gates.items():
         for g in items:
             named = [t for t in tasks if g.task is None or t.name == g.task]
             if g.task is not None and not named:
+                if harness:
+                    continue
                 raise UserError(f"{flag} {g.key}: no task named {g.task!r} (tasks: "
                                 f"{', '.join(t.name for t in tasks) or 'none'})")
-            if not any(g.metric in TASK_METRICS[t.metric] for t in named):
+            if not any(g.metric in TASK_METRICS[t.metric] for t in named) and not (harness and g.task is None):
                 have = sorted({m for t in named for m in TASK_METRICS[t.metric]})
                 raise UserError(f"{flag} {g.key}: no such metric (have: {', '.join(have) or 'none'})")
 
@@ -186,11 +195,15 @@ def check_gates(results: Sequence[EvalResult], under: Sequence[Gate], over: Sequ
     return missed
 
 
+def _json_value(v):
+    return None if isinstance(v, float) and math.isnan(v) else v  # a standard error of fewer than two rows: null
+
+
 def results_payload(results: Sequence[EvalResult]) -> dict:
-    payload: dict = {"results": [r.as_dict() for r in results]}
+    payload: dict = {"results": [{k: _json_value(v) for k, v in r.as_dict().items()} for r in results]}
     gated = [r for r in results if not r.baseline]
     if len(gated) == 1:
-        payload.update(gated[0].metrics)
+        payload.update({k: _json_value(v) for k, v in gated[0].metrics.items()})
     return payload
 
 

@@ -58,14 +58,25 @@ class _TaskBase(_Strict):
     fields: dict[str, str] = Field(default_factory=dict, description="Rename columns: {field: column_in_file}.")
     limit: int | None = Field(None, gt=0, description="Score only the first N rows.")
     batch_size: int = Field(8, gt=0, description="Rows per forward pass.")
-    max_length: int = Field(512, gt=0, description="Tokens per scored sequence (prompts are cut from the left).")
+    max_length: int = Field(512, gt=0, description="Tokens per scored sequence: perplexity's window; prompts of "
+                                                   "other tasks are cut from the left (counted in `truncated`).")
 
 
 class PerplexityTask(_TaskBase):
     metric: Literal["perplexity"]
+    stride: int | None = Field(None, gt=0, description="Rolling windows of max_length tokens: each window after the "
+                               "first scores this many new tokens, with max_length - stride tokens of context "
+                               "(default max_length: disjoint windows, as lm-eval's loglikelihood_rolling).")
     form: Literal["text", "instruction", "completion", "chat"] | None = Field(
         None, description="Data form (default: a run directory's data.format, else text); loss tokens as in training.")
     prompt_template: str | None = Field(None, description="instruction form: prompt template.")
+
+    @model_validator(mode="after")
+    def _stride(self):
+        if self.stride is not None and self.stride > self.max_length:
+            raise ValueError(f"stride={self.stride} is more than max_length={self.max_length}; a window scores at "
+                             "most max_length tokens")
+        return self
 
 
 class ExactMatchTask(_TaskBase):
