@@ -52,6 +52,7 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int = 8, max_length: int | N
 
     class SparseftLM(LM):
         max_length: int
+        batch_size: int
 
         def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
             groups: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # context -> [(request, continuation)]
@@ -104,7 +105,7 @@ def make_lm(model: Any, tokenizer: Any, batch_size: int = 8, max_length: int | N
                                                  add_generation_prompt=add_generation_prompt)
 
     lm = SparseftLM()
-    lm.max_length = max_length
+    lm.max_length, lm.batch_size = max_length, batch_size
     return lm
 
 
@@ -169,7 +170,8 @@ def run_harness(model: Any, tokenizer: Any, items: Sequence[str],
     from lm_eval.tasks import TaskManager
 
     names, include = _task_names(items)
-    manager = TaskManager(include_path=include or None)
+    # lm-eval's own thousands of task files take ~40 s to index on a small machine: only when a task is named.
+    manager = TaskManager(include_path=include or None, include_defaults=len(include) < len(items))
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"--harness-task {unknown[0]}: not a harness task (`lm-eval ls tasks` lists them; a task "
