@@ -172,18 +172,21 @@ def _shared_context(model: Any, chunk: Sequence[tuple[Sequence[int], Sequence[Se
 
 
 def score_choices(model: Any, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
-                  batch_size: int, pad_id: int) -> list[list[Scored]]:
+                  batch_size: int, pad_id: int, share: bool = True, longest_first: bool = True) -> list[list[Scored]]:
     """For each (context ids, [continuation ids, ...]): the (log-likelihood, greedy) of each continuation.
 
-    Groups run longest first, `batch_size` contexts a batch; results come back in the order given."""
-    order = sorted(range(len(groups)), key=lambda g: -(len(groups[g][0]) + max(len(x) for x in groups[g][1])))
+    Groups run longest first, `batch_size` contexts a batch; results come back in the order given. `share=False`
+    and `longest_first=False` (the plain way: every sequence whole, in the order given) are for benchmarks."""
+    order = list(range(len(groups)))
+    if longest_first:
+        order.sort(key=lambda g: -(len(groups[g][0]) + max(len(x) for x in groups[g][1])))
     out: list[list[Scored] | None] = [None] * len(groups)
     was_training = getattr(model, "training", False)
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            scored = _shared_context(model, [groups[g] for g in batch], pad_id)
+            scored = _shared_context(model, [groups[g] for g in batch], pad_id) if share else None
             if scored is None:  # no KV cache: every continuation reads its context again
                 pairs = [(groups[g][0], x) for g in batch for x in groups[g][1]]
                 flat = iter(s for i in range(0, len(pairs), batch_size)

@@ -28,9 +28,17 @@ ROWS = [
 ]
 
 
-def _harness_yaml(tmp_path, data):
-    path = tmp_path / "p_mc.yaml"
-    path.write_text(f"""task: p_mc
+# No delimiter: the choice glues onto the query's last word, so tokenising the pair together and splitting it gives
+# other tokens than tokenising the choice alone.
+GLUED = [
+    {"query": "Sparse fine tun", "choices": ["ing trains heads", "e the model now"], "gold": 0},
+    {"query": "The model learn", "choices": ["s the sums", "ed to add them"], "gold": 1},
+]
+TASKS = {"p_mc": (ROWS, " "), "p_glued": (GLUED, "")}
+
+
+def _harness_yaml(path, data, delimiter):
+    path.write_text(f"""task: {path.stem}
 dataset_path: json
 dataset_kwargs: {{data_files: {{test: {data}}}}}
 test_split: test
@@ -38,19 +46,21 @@ output_type: multiple_choice
 doc_to_text: "{{{{query}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: "{{{{gold}}}}"
+target_delimiter: "{delimiter}"
 metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
 """)
-    return path
 
 
-def _harness_lls(lm, yaml_path):
+def _harness_lls(lm, folder):
+    """{task: (per row, the log-likelihood of each choice), results} from lm-eval on the task files in `folder`."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(yaml_path.parent), include_defaults=False)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["p_mc"], task_manager=manager, log_samples=True, bootstrap_iters=0)
-    samples = sorted(out["samples"]["p_mc"], key=lambda s: s["doc_id"])
-    return [[r[0][0] for r in s["resps"]] for s in samples], out["results"]["p_mc"]
+    manager = TaskManager(include_path=str(folder), include_defaults=False)
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(TASKS), task_manager=manager, log_samples=True,
+                                  bootstrap_iters=0)
+    return {task: ([[r[0][0] for r in s["resps"]] for s in sorted(out["samples"][task], key=lambda s: s["doc_id"])],
+                   out["results"][task]) for task in TASKS}
 
 
 @pytest.mark.slow
@@ -62,20 +72,20 @@ def test_loglikelihoods_match_lm_eval(tmp_path, tiny_model_dir, arch, monkeypatc
     path = tiny_model_dir(arch)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
-    data = write_jsonl(tmp_path / "mc.jsonl", ROWS)
-    yaml_path = _harness_yaml(tmp_path, data)
-    reference, ref_metrics = _harness_lls(HFLM(pretrained=model, tokenizer=tok, batch_size=2), yaml_path)
-
-    samples = []
-    native = multiple_choice(model, tok, validate_task({"metric": "multiple_choice", "data": data, "batch_size": 2},
-                                                       "mc"), samples=samples)
-    for ours, ref in zip([s["loglikelihoods"] for s in samples], reference, strict=True):
-        assert ours == pytest.approx(ref, abs=1e-5)
-    assert native["acc"] == ref_metrics["acc,none"] and native["acc_norm"] == ref_metrics["acc_norm,none"]
-
-    bridged, _ = _harness_lls(make_lm(model, tok, batch_size=3), yaml_path)
-    for ours, ref in zip(bridged, reference, strict=True):
-        assert ours == pytest.approx(ref, abs=1e-5)
+    data = {}
+    for task, (rows, delimiter) in TASKS.items():
+        data[task] = write_jsonl(tmp_path / f"{task}.jsonl", rows)
+        _harness_yaml(tmp_path / f"{task}.yaml", data[task], delimiter)
+    reference = _harness_lls(HFLM(pretrained=model, tokenizer=tok, batch_size=2), tmp_path)
+    bridged = _harness_lls(make_lm(model, tok, batch_size=3), tmp_path)
+    for task, (rows, delimiter) in TASKS.items():
+        ref_lls, ref_metrics = reference[task]
+        samples = []
+        spec = {"metric": "multiple_choice", "data": data[task], "delimiter": delimiter, "batch_size": 2}
+        native = multiple_choice(model, tok, validate_task(spec, task), samples=samples)
+        for ours, bridge, ref in zip([s["loglikelihoods"] for s in samples], bridged[task][0], ref_lls, strict=True):
+            assert ours == pytest.approx(ref, abs=1e-5) and bridge == pytest.approx(ref, abs=1e-5)
+        assert native["acc"] == ref_metrics["acc,none"] and native["acc_norm"] == ref_metrics["acc_norm,none"]
 
 
 @pytest.mark.parametrize("max_length,stride", [(5, 5), (5, 2), (5, 1), (8, 8), (40, 40)])
