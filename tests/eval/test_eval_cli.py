@@ -54,6 +54,13 @@ def test_gates_json_and_table(tmp_path, tiny_model_dir, arith_tasks):
     assert_exit(run("eval", model, "--task", arith_tasks.mc, "--fail-under", "accuracy=0"), 0)
 
 
+def test_cut_prompts_are_printed(tmp_path, tiny_model_dir, arith_tasks):
+    em = write_task(tmp_path / "short.yaml", metric="exact_match", data=arith_tasks.data, max_length=2, limit=3,
+                    generation={"max_new_tokens": 1})
+    r = run("eval", tiny_model_dir("llama"), "--task", em)
+    assert_exit(r, 0, "warning", "short: 3 of 3 prompts were longer than max_length=2")
+
+
 def test_baseline_is_shown_not_gated(tmp_path, s2ft_pair, arith_tasks):
     out = tmp_path / "e.json"
     r = run("eval", s2ft_pair.base, "--adapter", s2ft_pair.adapters[0], "--baseline", s2ft_pair.base,

@@ -123,3 +123,17 @@ def test_sampling_is_seeded_per_prompt_and_batch_invariant(tok):
     assert [g.token_ids for g in one] == [g.token_ids for g in generate(model, tok, prompts, s, batch_size=1)]
     other = generate(model, tok, prompts, Sampling(max_new_tokens=5, temperature=1.0, seed=4), batch_size=3)
     assert [g.token_ids for g in one] != [g.token_ids for g in other]
+
+
+def test_cut_prompts_are_counted(tmp_path, tok):
+    data = write_jsonl(tmp_path / "a.jsonl", ARITH)  # prompts of 7 characters
+    m = run_task(task(metric="exact_match", data=data, max_length=6, generation={"max_new_tokens": 2}), bigram({}),
+                 tok)
+    assert (m["truncated"], m["n"]) == (4, 4)
+    assert run_task(task(metric="exact_match", data=data, max_length=7, generation={"max_new_tokens": 2}),
+                    bigram({}), tok)["truncated"] == 0
+    rows = [{"query": "abcdef", "choices": ["a", "bb"], "gold": 0}, {"query": "ab", "choices": ["a", "bb"], "gold": 0}]
+    mc = write_jsonl(tmp_path / "mc.jsonl", rows)
+    # The longest continuation " bb" (3 tokens) leaves room for 5 - 3 + 1 = 3 context tokens: "abcdef" is cut.
+    m = run_task(task(metric="multiple_choice", data=mc, max_length=5), bigram({}), tok)
+    assert (m["truncated"], m["n"]) == (1, 2)
