@@ -1,4 +1,5 @@
-"""Helpers for the eval tests: a character tokenizer, a bigram stub model with known logits, task and data writers."""
+"""Helpers for the eval tests: a character tokenizer, a bigram stub model with known logits, task and data writers,
+lm-eval task files on local data."""
 
 from __future__ import annotations
 
@@ -60,3 +61,34 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
 def write_task(path: Path, **spec) -> Path:
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
+
+
+def harness_yaml(path: Path, data: str, body: str) -> str:
+    """An lm-eval task file named after the file, on the local jsonl `data`; `body` holds its own keys."""
+    path.write_text(f"task: {path.stem}\ndataset_path: json\ndataset_kwargs: {{data_files: {{test: {data}}}}}\n"
+                    f"test_split: test\n{body}")
+    return str(path)
+
+
+def harness_mc_yaml(path: Path, data: str, delimiter: str = " ") -> str:
+    """Multiple choice on rows {query, choices, gold}, lm-eval's acc and acc_norm."""
+    return harness_yaml(path, data, f"""output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+target_delimiter: "{delimiter}"
+metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
+""")
+
+
+def harness_gen_yaml(path: Path, data: str, max_new_tokens: int = 5) -> str:
+    """Generation on rows {prompt, completion}: exact match of the stripped text with the stripped completion."""
+    return harness_yaml(path, data, f"""output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{completion | trim}}}}"
+generation_kwargs: {{until: ["</s>"], max_gen_toks: {max_new_tokens}}}
+filter_list:
+  - name: strip
+    filter: [{{function: regex, regex_pattern: "^\\\\s*(.*?)\\\\s*$"}}, {{function: take_first}}]
+metric_list: [{{metric: exact_match}}]
+""")

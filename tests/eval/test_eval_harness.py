@@ -15,7 +15,7 @@ from sparseft.cli import app
 from sparseft.eval.harness import HarnessOptions, make_lm, run_harness
 from sparseft.eval.runner import evaluate, run_task
 from sparseft.eval.tasks import load_task, validate_task
-from tests.eval.evallib import bigram, char_tokenizer, cid, write_jsonl
+from tests.eval.evallib import bigram, char_tokenizer, cid, harness_gen_yaml, harness_mc_yaml, write_jsonl
 from tests.eval.test_eval_metrics import ARITH, SAYS_7
 
 
@@ -23,37 +23,6 @@ from tests.eval.test_eval_metrics import ARITH, SAYS_7
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def gen_yaml(path, data, max_new_tokens=5):
-    path.write_text(f"""task: {path.stem}
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{completion | trim}}}}"
-generation_kwargs: {{until: ["</s>"], max_gen_toks: {max_new_tokens}}}
-filter_list:
-  - name: strip
-    filter: [{{function: regex, regex_pattern: "^\\\\s*(.*?)\\\\s*$"}}, {{function: take_first}}]
-metric_list: [{{metric: exact_match}}]
-""")
-    return str(path)
-
-
-def mc_yaml(path, data):
-    path.write_text(f"""task: {path.stem}
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
-""")
-    return str(path)
 
 
 def _both(tmp_path, name, rows, model, tok, native_spec, harness_yaml):
@@ -68,13 +37,13 @@ def _both(tmp_path, name, rows, model, tok, native_spec, harness_yaml):
 def test_bridge_exact_match_equals_native_and_drops_when_wrong(tmp_path):
     tok, model = char_tokenizer(), bigram(SAYS_7)  # says " 7" to every sum: right on 2 of 4
     spec = {"metric": "exact_match", "answer": "stripped", "generation": {"max_new_tokens": 5}}
-    native, bridged = _both(tmp_path, "right", ARITH, model, tok, spec, gen_yaml)
+    native, bridged = _both(tmp_path, "right", ARITH, model, tok, spec, harness_gen_yaml)
     assert (native["correct"], native["n"]) == (2, 4) and bridged["n"] == 4
     assert bridged["exact_match:strip"] == native["exact_match"] == 0.5
     assert bridged["exact_match_stderr:strip"] == pytest.approx(native["exact_match_stderr"]) \
         == pytest.approx(math.sqrt(0.5 * 0.5 / 3))
     wrong = [dict(r, completion=" 8") if r["completion"] == " 7" else r for r in ARITH]  # the two it got right
-    native, bridged = _both(tmp_path, "wrong", wrong, model, tok, spec, gen_yaml)
+    native, bridged = _both(tmp_path, "wrong", wrong, model, tok, spec, harness_gen_yaml)
     assert bridged["exact_match:strip"] == native["exact_match"] == 0.0
 
 
@@ -86,7 +55,7 @@ def test_bridge_multiple_choice_equals_native_and_drops_when_wrong(tmp_path):
     rows = [{"query": "q", "choices": ["a", "bbb"], "gold": 0}, {"query": "q", "choices": ["bbb", "a"], "gold": 0},
             {"query": "q", "choices": ["c", "a"], "gold": 1}, {"query": "q", "choices": ["a", "c", "bbb"], "gold": 2}]
     spec = {"metric": "multiple_choice", "normalize": "chars"}
-    native, bridged = _both(tmp_path, "right", rows, model, tok, spec, mc_yaml)
+    native, bridged = _both(tmp_path, "right", rows, model, tok, spec, harness_mc_yaml)
     assert (native["acc"], native["acc_norm"]) == (0.5, 0.75)
     assert native["accuracy"] == native["acc_norm"]  # normalize: chars is lm-eval's acc_norm
     for metric in ("acc", "acc_norm"):
@@ -94,7 +63,7 @@ def test_bridge_multiple_choice_equals_native_and_drops_when_wrong(tmp_path):
         assert bridged[f"{metric}_stderr"] == pytest.approx(native[f"{metric}_stderr"])
     # The right answer becomes "c", which neither score ever picks.
     wrong = [dict(r, choices=[("c" if i == r["gold"] else c) for i, c in enumerate(r["choices"])]) for r in rows]
-    native, bridged = _both(tmp_path, "wrong", wrong, model, tok, spec, mc_yaml)
+    native, bridged = _both(tmp_path, "wrong", wrong, model, tok, spec, harness_mc_yaml)
     assert bridged["acc"] == native["acc"] == 0.0 and bridged["acc_norm"] == native["acc_norm"] == 0.0
 
 
@@ -116,7 +85,7 @@ def test_bridge_rolling_loglikelihood_by_hand(tmp_path):
 def test_bridge_on_a_loaded_model_with_an_adapter(tmp_path, s2ft_pair, arith_tasks):
     """The wiring of `evaluate`: harness tasks scored with the adapter in effect agree with native ones."""
     mc = load_task(arith_tasks.mc)
-    choice = mc_yaml(tmp_path / "h_mc.yaml", mc.data)
+    choice = harness_mc_yaml(tmp_path / "h_mc.yaml", mc.data)
     results = evaluate(s2ft_pair.base, [mc], adapters=s2ft_pair.adapters[:1], harness_tasks=[choice])
     by_task = {r.task: r.metrics for r in results}
     assert by_task["h_mc"]["n"] == by_task["mc"]["n"] == 12
@@ -131,7 +100,7 @@ def test_bridge_on_a_loaded_model_with_an_adapter(tmp_path, s2ft_pair, arith_tas
 def test_cli_passes_harness_flags_and_checks_gates_first(tmp_path, tiny_model_dir, arith_tasks, monkeypatch):
     runner = CliRunner()
     model = tiny_model_dir("llama")
-    gen = gen_yaml(tmp_path / "h_gen.yaml", arith_tasks.data)
+    gen = harness_gen_yaml(tmp_path / "h_gen.yaml", arith_tasks.data)
     seen = {}
 
     def fake_simple_evaluate(**kwargs):

@@ -14,7 +14,7 @@ from sparseft.eval.choice import multiple_choice
 from sparseft.eval.harness import make_lm
 from sparseft.eval.perplexity import rolling_windows
 from sparseft.eval.tasks import validate_task
-from tests.eval.evallib import write_jsonl
+from tests.eval.evallib import harness_mc_yaml, write_jsonl
 
 # Contexts of several lengths (left padding in a batch), choices of one to many tokens, a context ending in a space
 # (moved to the continuation by lm-eval's pair encoding), a choice that starts with a space.
@@ -35,20 +35,6 @@ GLUED = [
     {"query": "The model learn", "choices": ["s the sums", "ed to add them"], "gold": 1},
 ]
 TASKS = {"p_mc": (ROWS, " "), "p_glued": (GLUED, "")}
-
-
-def _harness_yaml(path, data, delimiter):
-    path.write_text(f"""task: {path.stem}
-dataset_path: json
-dataset_kwargs: {{data_files: {{test: {data}}}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-target_delimiter: "{delimiter}"
-metric_list: [{{metric: acc}}, {{metric: acc_norm}}]
-""")
 
 
 def _harness_lls(lm, folder):
@@ -75,7 +61,7 @@ def test_loglikelihoods_match_lm_eval(tmp_path, tiny_model_dir, arch, monkeypatc
     data = {}
     for task, (rows, delimiter) in TASKS.items():
         data[task] = write_jsonl(tmp_path / f"{task}.jsonl", rows)
-        _harness_yaml(tmp_path / f"{task}.yaml", data[task], delimiter)
+        harness_mc_yaml(tmp_path / f"{task}.yaml", data[task], delimiter)
     reference = _harness_lls(HFLM(pretrained=model, tokenizer=tok, batch_size=2), tmp_path)
     bridged = _harness_lls(make_lm(model, tok, batch_size=3), tmp_path)
     for task, (rows, delimiter) in TASKS.items():
