@@ -31,8 +31,13 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str = Field(description="Local directory of a Hugging Face causal LM, or a hub id (only when online).")
     tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to model.path.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are loaded and trained in.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Storage dtype of the model's weights as loaded (the frozen weights keep it). What the "
+                               "trainable weights live in is train.precision's choice.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel passed to transformers: eager, sdpa or flash_attention_2 (needs CUDA and "
+                          "the flash-attn package); null lets transformers pick.")
 
 
 class DataFile(Section):
@@ -75,6 +80,16 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     seed: int = Field(0, description="Seeds data order, initialisation and selection.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="auto (this rank's GPU when there is one, else the CPU), cpu, cuda or cuda:N. Launched ranks "
+                    "(--nproc) always take their local rank's device.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"] = Field(
+        "auto",
+        description="fp32; bf16-mixed (trainable weights and optimizer state in fp32, forward and backward under bf16 "
+                    "autocast); bf16-true (everything in bf16, no fp32 copies: small updates round away); fp16-mixed "
+                    "(fp16 autocast with a gradient scaler); auto: bf16-mixed when model.dtype is bfloat16, "
+                    "fp16-mixed when it is float16, else fp32.")
     log_every: int = Field(1, gt=0, description="Write a metrics line every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (needs validation data).")
     eval_batches: int | None = Field(None, gt=0, description="Cap validation at N batches; null uses all.")
@@ -167,11 +182,17 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_recipe_data(data: Any, source: str = "recipe") -> Recipe:
+    from sparseft.train.precision import check_precision
+
     try:
-        return recipe_model().model_validate(data)
+        recipe = recipe_model().model_validate(data)
     except ValidationError as e:
         problems = _problems(e, data if isinstance(data, dict) else {})
         raise UserError(f"{source}: {len(problems)} problem(s)", problems) from None
+    problem = check_precision(recipe.train.precision, recipe.model.dtype)
+    if problem:
+        raise UserError(f"{source}: 1 problem(s)", [problem])
+    return recipe
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -25,6 +25,7 @@ from sparseft.train.checkpoint import (TRAINABLE, RunDir, load_trainable, prune_
                                        set_rng_state)
 from sparseft.train.distributed import DeepSpeedEngine, Ranks, SilentReporter, rank_batches, start_ranks
 from sparseft.train.optim import Engine
+from sparseft.train.precision import describe, keep_masters, peak_memory_mb, resolve_device, resolve_precision
 from sparseft.train.report import Reporter, plot_loss
 
 
@@ -48,13 +49,16 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     """Run a recipe in this process, or as one rank of a launched job (every rank calls this; rank 0 writes)."""
     t = recipe.train
     run = RunDir(Path(t.output_dir))
+    precision = resolve_precision(t.precision, recipe.model.dtype)
     ranks = start_ranks()
+    device = resolve_device("auto" if ranks.launched else t.device)
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code,
                                key="model.tokenizer" if recipe.model.tokenizer else "model.path")
     data = build_datasets(recipe.data, tokenizer, seed=t.seed)
-    model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
+    model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code,
+                       attn_implementation=recipe.model.attn_implementation, device=device)
     pad_id = tokenizer.pad_token_id
     # Only once the model and every data row have loaded (so bad input never costs an old run with --overwrite),
     # rank 0 checks and prepares the run directory; the others wait for its answer (or are stopped with it).
@@ -65,12 +69,15 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
 
     n_base = sum(p.numel() for p in model.parameters())
     method = build_method(recipe.method)
-    ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path)
+    # Under DeepSpeed its bf16 path keeps the fp32 masters (and casts the module), so methods keep none of their own.
+    ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path,
+                        device=device, master_dtype=None if ranks.launched else precision.master_dtype)
     meta = read_meta(ckpt) if ckpt else {"step": 0, "examples_seen": 0}
     reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console) if ranks.is_main \
         else SilentReporter()
     ctx.log = reporter.info
     reporter.info(data.summary())
+    reporter.info(describe(device, recipe.model.dtype, precision, ranks.launched))
     if ckpt is None:
         # Every rank selects (the same computation and RNG use as one process); rank 0's choice is the one kept.
         selection = ranks.broadcast(method.select(model, ctx))
@@ -87,10 +94,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
 
     trainable = method.trainable_parameters(model)
     n_train = sum(p.numel() for p in trainable.values())  # before the engine: ZeRO-3 leaves each rank a partition
+    if ctx.master_dtype is not None:  # before the checkpoint loads, so resumed masters keep every bit
+        keep_masters(method.master_parameters(model), precision)
     if ckpt is not None:
         load_trainable(model, ckpt / TRAINABLE)  # before the engine: DeepSpeed starts its partitions from them
     groups = method.optimizer_param_groups(model, t.weight_decay)
-    engine = DeepSpeedEngine(model, groups, recipe, ranks, method) if ranks.launched else Engine(model, groups, t)
+    engine = DeepSpeedEngine(model, groups, recipe, ranks, method) if ranks.launched \
+        else Engine(model, groups, t, precision)
     reporter.info(f"method {method.name}: {n_train:,} trainable parameters; the base model has {n_base:,} "
                   f"({100 * n_train / n_base:.3f}%)" + (f"; {ranks.world} ranks, ZeRO stage {engine.stage}"
                                                          if ranks.launched else ""))
@@ -123,12 +133,13 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
         last = stats["loss"]
         record = {"step": done, "loss": stats["loss"], **extra, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                   "tokens_per_s": stats["tokens"] / max(time.perf_counter() - tick, 1e-9),
-                  "elapsed_s": time.perf_counter() - began}
+                  "peak_mem_mb": peak_memory_mb(device), "elapsed_s": time.perf_counter() - began}
         reporter.log(record, show=done % t.log_every == 0 or done == t.max_steps)
-        if t.eval_every and data.validation and (done % t.eval_every == 0 or done == t.max_steps):
-            val = _validate(engine.model, data.validation, t, pad_id)
-            reporter.log({"step": done, "val_loss": val, "val_perplexity": float(np.exp(val))})
-        eval_step(recipe, model, tokenizer, done, reporter)  # the recipe's eval tasks, when due
+        with precision.autocast(device):  # a mixed model (fp32 masters over stored weights) computes as it trains
+            if t.eval_every and data.validation and (done % t.eval_every == 0 or done == t.max_steps):
+                val = _validate(engine.model, data.validation, t, pad_id)
+                reporter.log({"step": done, "val_loss": val, "val_perplexity": float(np.exp(val))})
+            eval_step(recipe, model, tokenizer, done, reporter)  # the recipe's eval tasks, when due
         if t.save_every and done % t.save_every == 0 and done < t.max_steps:
             _save(run.checkpoints / f"step-{done:08d}", engine, trainable, method, _meta(done, seen, ranks), True)
             if ranks.is_main:
@@ -137,7 +148,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     _save(run.final, engine, trainable, method, _meta(t.max_steps, seen, ranks), False)
     reporter.close()
     if data.validation is not None and val is None:
-        val = _validate(engine.model, data.validation, t, pad_id)
+        with precision.autocast(device):
+            val = _validate(engine.model, data.validation, t, pad_id)
     result = RunResult(run.path, t.max_steps - start, first, last, val, time.perf_counter() - began)
     if ranks.is_main:
         plot_loss(run.metrics, run.path / "loss.png", f"{method.name} · {Path(recipe.model.path).name}")
@@ -187,8 +199,10 @@ def _save(out: Path, engine, trainable: dict, method, meta: dict, checkpoint: bo
 def _restore(ckpt: Path, engine, method) -> int:
     """Optimizer, schedule, method and RNG state of a checkpoint (its weights are already in the model)."""
     state = torch.load(ckpt / "engine.pt", weights_only=False)
-    engine.load_state_dict(state["engine"])
+    # The method first: it may put master weights back (HiFT's active group), and the optimizer casts its state to
+    # each parameter's dtype as it loads.
     method.load_state_dict(torch.load(ckpt / "method.pt", weights_only=False))
+    engine.load_state_dict(state["engine"])
     set_rng_state(state["rng"])
     return read_meta(ckpt)["step"]
 
