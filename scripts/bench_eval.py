@@ -4,7 +4,8 @@ weights: speed does not depend on them). Each task is timed the plain way (every
 rows in file order) and the way `sparseft eval` runs it (longest first; each context read once, its KV cache shared
 by its choices), in one run; the log-likelihoods of the two ways are checked to agree.
 
-    .venv/bin/python scripts/bench_eval.py            # prints one line a model and task with the ratio
+    .venv/bin/python scripts/bench_eval.py                       # one line a model and task with the ratio
+    .venv/bin/python scripts/bench_eval.py --repeats 1 --limit 40  # quicker
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-100m", action="store_true")
+    parser.add_argument("--limit", type=int, default=None, help="rows per task at most")
     args = parser.parse_args()
     torch.manual_seed(0)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,6 +80,7 @@ def main() -> None:
     shots = validate_task({**choice.model_dump(exclude_none=True), "name": "arith_choice 5-shot", "max_length": 128,
                            "few_shot": {"path": choice.data, "n": 5, "separator": "\n"}}, "arith_choice 5-shot")
     em = load_task(REPO / "recipes/tasks/arith_em.yaml")
+    choice, shots, em = (t.model_copy(update={"limit": args.limit}) for t in (choice, shots, em))
     models = {"tiny Llama": {}} | ({} if args.skip_100m else {"~130M Llama": MODEL_100M})
     with tempfile.TemporaryDirectory() as tmp:
         for name, overrides in models.items():

@@ -108,5 +108,6 @@ def test_bootstrap_stderr_of_a_fixed_sample():
     again = perplexity_metrics(per_doc * 50, tokens, np.full(n, 10), np.full(n, 40), iters=20000)
     assert again == m  # seeded
     same = perplexity_metrics(np.full(n, 100.0), tokens, np.full(n, 10), np.full(n, 40))
-    assert same["loss_stderr"] == pytest.approx(0, abs=1e-12) and same["perplexity_stderr"] == pytest.approx(0, abs=1e-9)
+    assert same["loss_stderr"] == pytest.approx(0, abs=1e-12)
+    assert same["perplexity_stderr"] == pytest.approx(0, abs=1e-9)
     assert math.isnan(perplexity_metrics(np.array([5.0]), np.array([3]), np.array([1]), np.array([4]))["loss_stderr"])
