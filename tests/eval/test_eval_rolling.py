@@ -39,9 +39,8 @@ def _by_hand(model, ids: list[int], max_length: int, stride: int) -> tuple[float
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_long_document_equals_windows_by_hand(tmp_path, tiny_model_dir, arch):
-    path = tiny_model_dir(arch)
+def test_long_document_equals_windows_by_hand(tmp_path, tiny_model_dir):
+    path = tiny_model_dir("llama")  # windows are plain forwards: no architecture enters (GQA: test_eval_lmeval)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     short = "Two plus two is four."
