@@ -123,3 +123,57 @@ def test_sampling_is_seeded_per_prompt_and_batch_invariant(tok):
     assert [g.token_ids for g in one] == [g.token_ids for g in generate(model, tok, prompts, s, batch_size=1)]
     other = generate(model, tok, prompts, Sampling(max_new_tokens=5, temperature=1.0, seed=4), batch_size=3)
     assert [g.token_ids for g in one] != [g.token_ids for g in other]
+
+
+@pytest.mark.parametrize("text,rule,expected", [
+    ("10", "last_number", "10"),  # integers keep their zeros: "10" is not "1"
+    ("the answer is 100", "last_number", "100"),
+    ("0", "first_number", "0"),
+    ("-20 then 3", "first_number", "-20"),
+    ("1,200", "first_number", "1200"),  # thousands separators are dropped
+    ("x 12,345,678 y", "last_number", "12345678"),
+    ("7.000", "last_number", "7"),  # trailing decimal zeros are dropped, then the point
+    ("120.50", "last_number", "120.5"),
+    ("3.0 and 40.", "first_number", "3"),
+    ("x 40. y", "last_number", "40"),
+    ("1,000.50", "first_number", "1000.5"),
+    ("0.0", "first_number", "0"),
+])
+def test_numbers_read_by_hand(text, rule, expected):
+    assert extract_answer(text, rule) == expected
+
+
+def _says(answer: str) -> dict:
+    """A stub that, after "=", says `answer` one character at a time and stops (characters must not repeat)."""
+    chain = ["=", *answer, "</s>"]
+    assert len(set(answer)) == len(answer)
+    return {(a, b): 50.0 for a, b in zip(chain, chain[1:])}
+
+
+@pytest.mark.parametrize("says,reference,correct", [
+    (" 1", " 10", False),  # "10" must not read as "1"
+    (" 10", " 10", True),
+    (" 12", " 1,2", True),  # the reference's thousands separator is dropped
+    (" 12", " 1.2", False),
+    (" 4", " 4.0", True),
+])
+def test_exact_match_compares_numbers_not_digits(tmp_path, tok, says, reference, correct):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "3 + 4 =", "completion": reference}])
+    spec = dict(metric="exact_match", data=data, answer="last_number", generation={"max_new_tokens": 5})
+    samples = []
+    m = run_task(task(**spec), bigram(_says(says)), tok, samples=samples)
+    assert samples[0]["generated"] == says
+    assert (m["correct"], samples[0]["correct"]) == (int(correct), correct), samples
+
+
+def test_over_long_prompts_keep_their_end(tmp_path, tok):
+    """A prompt longer than max_length loses its beginning: the tokens next to the answer are what it predicts from."""
+    data = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "abcdefgh 1 + 2 =", "completion": " 3"},
+                                              {"prompt": "9 =", "completion": " 9"}])
+    t = task(metric="exact_match", data=data, max_length=7,
+             few_shot={"examples": [{"prompt": "x =", "completion": " 1"}], "separator": "?"})
+    long, short = build_items(t, tok)
+    assert tok.decode(long.prompt_ids) == "1 + 2 ="  # the last 7 of "x = 1?abcdefgh 1 + 2 ="
+    assert tok.decode(short.prompt_ids) == "= 1?9 ="
+    assert len(long.prompt_ids) == len(short.prompt_ids) == 7
+    assert (long.reference, short.reference) == ("3", "9")
