@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sparseft.eval.exact_match import build_items, extract_answer
+from sparseft.eval.exact_match import build_items, exact_match, extract_answer
 from sparseft.eval.runner import run_task
 from sparseft.eval.tasks import validate_task
 from sparseft.infer.generate import Sampling, generate
@@ -177,3 +177,38 @@ def test_over_long_prompts_keep_their_end(tmp_path, tok):
     assert tok.decode(short.prompt_ids) == "= 1?9 ="
     assert len(long.prompt_ids) == len(short.prompt_ids) == 7
     assert (long.reference, short.reference) == ("3", "9")
+
+
+def test_exact_match_generates_with_the_task_settings(tmp_path, tok):
+    """Called on its own (it builds the items), exact_match samples with the task's settings: the texts are those of
+    generate() with them, another seed gives others, and the score is the fraction of matching answers."""
+    rows = [{"prompt": "1 + 1 =", "completion": " 2"}, {"prompt": "2 + 2 =", "completion": " 4"},
+            {"prompt": "9 =", "completion": " 9"}]
+    gen = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 0.3, "seed": 5}
+    t = task(metric="exact_match", data=write_jsonl(tmp_path / "a.jsonl", rows), generation=gen, batch_size=2)
+    model = bigram({(" ", "9"): 1.0})  # nearly uniform: every draw is random
+    samples = []
+    m = exact_match(model, tok, t, samples=samples)
+    prompts = [it.prompt_ids for it in build_items(t, tok)]
+    expected = [g.text for g in generate(model, tok, prompts, Sampling(**gen), batch_size=3)]
+    assert [s["generated"] for s in samples] == expected
+    assert expected != [g.text for g in generate(model, tok, prompts, Sampling(**{**gen, "seed": 6}))]
+    assert expected != [g.text for g in generate(model, tok, prompts, Sampling(**{**gen, "top_p": 1.0}))]
+    assert [s["prediction"] for s in samples] == [e.strip() for e in expected]
+    assert [s["reference"] for s in samples] == ["2", "4", "9"]
+    correct = sum(e.strip() == r for e, r in zip(expected, ["2", "4", "9"]))
+    assert [s["correct"] for s in samples] == [e.strip() == r for e, r in zip(expected, ["2", "4", "9"])]
+    assert (m["correct"], m["n"], m["exact_match"]) == (correct, 3, correct / 3)
+
+
+def test_one_row_scores_zero_or_one(tmp_path, tok):
+    data = write_jsonl(tmp_path / "a.jsonl", ARITH[:1])
+    for says, score in ((" 7", 1.0), (" 6", 0.0)):
+        m = run_task(task(metric="exact_match", data=data), bigram(_says(says)), tok)
+        assert (m["exact_match"], m["n"]) == (score, 1)
+
+
+def test_renamed_fields(tmp_path, tok):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"q": "3 + 4 =", "a": " 7"}])
+    [item] = build_items(task(metric="exact_match", data=data, fields={"prompt": "q", "completion": "a"}), tok)
+    assert tok.decode(item.prompt_ids) == "3 + 4 =" and item.reference == "7"
