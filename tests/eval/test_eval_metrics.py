@@ -212,3 +212,32 @@ def test_renamed_fields(tmp_path, tok):
     data = write_jsonl(tmp_path / "a.jsonl", [{"q": "3 + 4 =", "a": " 7"}])
     [item] = build_items(task(metric="exact_match", data=data, fields={"prompt": "q", "completion": "a"}), tok)
     assert tok.decode(item.prompt_ids) == "3 + 4 =" and item.reference == "7"
+
+
+def test_instruction_form_items(tmp_path, tok):
+    """The prompt is the task's template filled with the row's instruction and input (renamed fields too), the
+    reference the row's output read by the rule; few-shot examples come first, each with its answer and separator."""
+    rows = [{"ins": "add", "inp": "3 4", "out": " 7"}, {"ins": "neg", "out": " 0"}]
+    t = task(metric="exact_match", data=write_jsonl(tmp_path / "i.jsonl", rows), form="instruction",
+             prompt_template="q {instruction} {input}=", fields={"instruction": "ins", "input": "inp", "output": "out"},
+             few_shot={"examples": [{"ins": "one", "out": " 1"}], "separator": "?"})
+    items = build_items(t, tok)
+    assert [tok.decode(it.prompt_ids) for it in items] == ["q one = 1?q add 3 4=", "q one = 1?q neg ="]
+    assert [it.reference for it in items] == ["7", "0"]
+
+
+def test_chat_form_items(tmp_path, tok):
+    """The context is the conversation before its last assistant turn (few-shot conversations first, each closed by
+    its answer), rendered with the chat template and the generation prompt; the reference is that last turn."""
+    chat_tok = char_tokenizer()
+    chat_tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}?{% endfor %}"
+                              "{% if add_generation_prompt %}a:{% endif %}")
+    rows = [{"msgs": [{"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "2"},
+                      {"role": "user", "content": "2 + 2"}, {"role": "assistant", "content": "4"},
+                      {"role": "user", "content": "ok"}]}]
+    shot = {"msgs": [{"role": "user", "content": "0 + 0"}, {"role": "assistant", "content": "0"}]}
+    t = task(metric="exact_match", data=write_jsonl(tmp_path / "c.jsonl", rows), form="chat",
+             fields={"messages": "msgs"}, few_shot={"examples": [shot]})
+    [item] = build_items(t, chat_tok)
+    assert chat_tok.decode(item.prompt_ids) == "u:0 + 0?a:0?u:1 + 1?a:2?u:2 + 2?a:"
+    assert item.reference == "4"
