@@ -93,6 +93,8 @@ def test_extract_answer_rules():
     assert extract_answer(" Paris \n", "stripped") == "Paris"
     assert extract_answer("answer: B.", "regex", r"answer: (\w)") == "B"
     assert extract_answer("no", "regex", r"answer: (\w)") is None
+    assert extract_answer("so answer: B.", "regex", r"answer: \w") == "answer: B"  # no group: the whole match
+    assert extract_answer(" \n \n", "first_line") == ""
 
 
 def test_multiple_choice_by_sum_per_token_and_per_char(tmp_path, tok):
