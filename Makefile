@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast mutate clean
 
 install: $(STAMP)
 
@@ -35,5 +35,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Mutation testing of the core mechanics (not part of make test); MODULES="kernels hift" runs some of them.
+mutate: install
+	$(BIN)/python -m pip install -q -e '.[mutate]'
+	$(BIN)/python scripts/mutate.py $(MODULES)
+
 clean:
-	rm -rf runs demo .pytest_cache
+	rm -rf runs demo .pytest_cache mutants
