@@ -117,7 +117,10 @@ def validate(
         return
     from sparseft.methods import build_method, check_against_config
 
+    from sparseft.train.trackers import check_trackers
+
     r = load_recipe(recipe, overrides or [])
+    check_trackers(r.train.report_to)
     method = build_method(r.method)
     if r.distributed is not None and r.distributed.config is not None:
         from sparseft.train.distributed import check_method_stage, resolve_ds_config, zero_stage

@@ -26,6 +26,7 @@ from sparseft.train.checkpoint import (TRAINABLE, RunDir, load_trainable, prune_
 from sparseft.train.distributed import DeepSpeedEngine, Ranks, SilentReporter, rank_batches, start_ranks
 from sparseft.train.optim import Engine
 from sparseft.train.report import Reporter, plot_loss
+from sparseft.train.trackers import check_trackers, open_trackers
 
 
 @dataclass
@@ -49,6 +50,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     t = recipe.train
     run = RunDir(Path(t.output_dir))
     ranks = start_ranks()
+    check_trackers(t.report_to)
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code,
@@ -67,8 +69,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     method = build_method(recipe.method)
     ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path)
     meta = read_meta(ckpt) if ckpt else {"step": 0, "examples_seen": 0}
-    reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console) if ranks.is_main \
-        else SilentReporter()
+    reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console,
+                        open_trackers(recipe, run.path, meta["step"])) if ranks.is_main else SilentReporter()
     ctx.log = reporter.info
     reporter.info(data.summary())
     if ckpt is None:
