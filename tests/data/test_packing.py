@@ -102,3 +102,33 @@ def test_every_example_once_and_deterministic():
     resumed = next(micro_batches(rows, 4, seed=1, start_k=20))
     expected = next(full)
     assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_packed_training_resumes_exactly(tmp_path, tiny_model_dir):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.helpers import cli, write_recipe
+
+    model = tiny_model_dir("qwen3")
+    train = {"max_steps": 6, "save_every": 3, "micro_batch_size": 2}
+    data = {"packing": True, "max_length": 40}
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        recipe = write_recipe(tmp_path / name, model, train=train, data=data)
+        out = cli("train", recipe)
+        runs.append((recipe, tmp_path / name / "run"))
+    assert "packing: 64 examples in" in out.output
+    recipe_b, b = runs[1]
+    shutil.rmtree(b / "final")  # killed after the step-3 checkpoint
+    cli("train", recipe_b, "--resume")
+    wa, wb = load_file(str(runs[0][1] / "final" / "trainable.safetensors")), load_file(str(b / "final" /
+                                                                                           "trainable.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (b / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7))
