@@ -45,8 +45,6 @@ def read_source_rows(cfg: Any, key: str) -> list[tuple[int, dict]]:
 
 def read_hub_rows(name: str, split: str, subset: str | None, revision: str | None,
                   where: str) -> list[tuple[int, dict]]:
-    import datasets
-
     from sparseft.data.files import quiet_datasets
 
     with quiet_datasets():

@@ -117,9 +117,11 @@ def save_compressed(model: nn.Module, out: Path) -> dict:
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     save_file(state, str(out / WEIGHTS), metadata={"format": "pt"})
     sc = quant["sparsity_config"]
+    # what the dense weights take (tied tensors once), for the size report
+    dense = {t.untyped_storage().data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
     return {"format": sc["format"], "sparsity_structure": sc["sparsity_structure"],
             "global_sparsity": sc["global_sparsity"], "compressed_modules": len(sc["targets"]),
-            "weights_bytes": (out / WEIGHTS).stat().st_size}
+            "weights_bytes": (out / WEIGHTS).stat().st_size, "dense_tensor_bytes": sum(dense.values())}
 
 
 def load_compressed_state(directory: str | Path) -> dict[str, torch.Tensor]:
