@@ -116,7 +116,6 @@ def validate(
         console.print(f"[green]ok[/] {recipe}: eval task {task.name}", highlight=False)
         return
     from sparseft.methods import build_method, check_against_config
-
     from sparseft.train.trackers import check_trackers
 
     r = load_recipe(recipe, overrides or [])

@@ -91,8 +91,9 @@ def split_rows(rows: list, val_fraction: float, seed: int, where: str = "data.tr
 def build_datasets(data_cfg: DataSection, tokenizer: Any, seed: int) -> DataBundle:
     """Read, split and encode the recipe's data; every problem is a UserError naming the key, file and row."""
     if data_cfg.validation is not None and data_cfg.val_fraction > 0:
-        raise UserError(f"{describe(data_cfg.validation, 'data.validation')} and data.val_fraction={data_cfg.val_fraction}"
-                        " are both set: use one (a separate file, or a fraction of the train rows held out)")
+        raise UserError(f"{describe(data_cfg.validation, 'data.validation')} and data.val_fraction="
+                        f"{data_cfg.val_fraction} are both set: use one (a separate file, or a fraction of the train "
+                        "rows held out)")
     check_form(data_cfg.format, data_cfg.fields, data_cfg.prompt_template, tokenizer)
     opts = dict(form=data_cfg.format, tokenizer=tokenizer, max_length=data_cfg.max_length, fields=data_cfg.fields,
                 prompt_template=data_cfg.prompt_template)

@@ -53,7 +53,7 @@ def require_packed_attention() -> None:
 
 
 def pack_examples(examples: Sequence[Example], max_length: int) -> tuple[list[Example], PackStats]:
-    """Rows of whole examples, each at most `max_length` tokens, with restarting positions and boundary labels masked."""
+    """Rows of whole examples of at most `max_length` tokens, positions restarting and boundary labels masked."""
     order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
     rows: list[list[int]] = []
     # (room left, row index), kept sorted: the best fit is the first row with room >= the example's length.

@@ -58,7 +58,8 @@ MERGED_FORMATS = ("hf", "compressed-tensors")
 
 def export_merged(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
     """Write a merged model: a plain Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads with no
-    sparseft installed (fmt hf), or its sparse weights stored compressed (fmt compressed-tensors, export/compressed.py)."""
+    sparseft installed (fmt hf), or with its sparse weights stored compressed (fmt compressed-tensors,
+    export/compressed.py)."""
     if fmt not in MERGED_FORMATS:
         raise UserError(f"--format {fmt!r}: unknown (known: {', '.join(MERGED_FORMATS)})")
     save_weights = None

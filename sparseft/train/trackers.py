@@ -10,7 +10,8 @@ Where each writes, with no network needed:
 - wandb: `<run>/wandb`; online unless `WANDB_MODE=offline` (then `wandb sync` uploads it later). Project from
   `WANDB_PROJECT` (default sparseft). A resumed run continues the same W&B run.
 - mlflow: `MLFLOW_TRACKING_URI` when set, else a local file store at `<run>/mlruns` (`mlflow ui --backend-store-uri
-  <run>/mlruns`). Experiment from `MLFLOW_EXPERIMENT_NAME` (default sparseft). A resumed run continues the same MLflow run.
+  <run>/mlruns`). Experiment from `MLFLOW_EXPERIMENT_NAME` (default sparseft). A resumed run continues the same
+  MLflow run.
 The W&B and MLflow run ids are kept in `<run>/trackers.json` for resuming.
 """
 

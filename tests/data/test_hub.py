@@ -1,4 +1,4 @@
-"""Hub datasets (`data.train.hub`): the same rows, forms, renames and row errors as a local file; offline, one message."""
+"""Hub datasets (`data.train.hub`): the same rows, forms, renames and row errors as a file; offline, one message."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Experiment trackers: what TensorBoard, MLflow and W&B receive equals metrics.jsonl, plus the recipe and eval results."""
+"""Experiment trackers: TensorBoard, MLflow and W&B get what metrics.jsonl holds, the recipe and the eval results."""
 
 from __future__ import annotations
 
