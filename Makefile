@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[deepspeed,test]'
+	# The reference the compressed-tensors export is checked against (tests/methods/squarehead/test_sq_compressed.py):
+	# compressed-tensors 0.14, the last release with the sparse compressors; it pins transformers < 5, so it lives in
+	# its own folder, without dependencies, on PYTHONPATH for that test's subprocess only.
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/ct-legacy compressed-tensors==0.14.0.1 loguru
 	touch $(STAMP)
 
 demo: install
