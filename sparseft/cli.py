@@ -117,8 +117,10 @@ def validate(
         console.print(f"[green]ok[/] {recipe}: eval task {task.name}", highlight=False)
         return
     from sparseft.methods import build_method, check_against_config
+    from sparseft.train.trackers import check_trackers
 
     r = load_recipe(recipe, overrides or [])
+    check_trackers(r.train.report_to)
     method = build_method(r.method)
     if r.distributed is not None and r.distributed.config is not None:
         from sparseft.train.distributed import check_method_stage, resolve_ds_config, zero_stage
@@ -179,6 +181,9 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (train.output_dir).")],
     merged: Annotated[Optional[Path], typer.Option(help="Write a merged Hugging Face model here.")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="Write the method's adapter here.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="--merged: hf (plain Hugging Face weights) or "
+                                                      "compressed-tensors (sparse weights stored as bitmasks; needs "
+                                                      "the `compressed` extra).")] = "hf",
 ):
     """Export a run as a merged model (--merged OUT) and/or an adapter (--adapter OUT), in the base model's layout."""
     from sparseft.export.run import export_adapter, export_merged
@@ -188,7 +193,7 @@ def export(
     if adapter is not None:
         console.print(f"adapter → {export_adapter(run_dir, adapter)}", highlight=False)
     if merged is not None:
-        console.print(f"merged model → {export_merged(run_dir, merged)}", highlight=False)
+        console.print(f"merged model → {export_merged(run_dir, merged, fmt)}", highlight=False)
 
 
 @app.command("eval")

@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from sparseft.errors import UserError
 from sparseft.methods import MethodConfig
@@ -41,7 +41,19 @@ class ModelSection(Section):
 
 
 class DataFile(Section):
-    path: str = Field(description="A local .jsonl, .json, .csv or .parquet file.")
+    path: str | None = Field(None, description="A local .jsonl, .json, .csv or .parquet file (or give hub).")
+    hub: str | None = Field(None, description="A Hugging Face dataset id (org/name), read with datasets.load_dataset "
+                            "(cached after the first download), or a directory written by save_to_disk.")
+    split: str = Field("train", description="hub: the split to read.")
+    subset: str | None = Field(None, description="hub: the dataset's configuration (subset) name.")
+    revision: str | None = Field(None, description="hub: a branch, tag or commit of the dataset repository.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        from sparseft.data.hub import check_source
+
+        check_source(self)
+        return self
 
 
 class DataSection(Section):
@@ -62,6 +74,8 @@ class DataSection(Section):
         description="instruction form: a template with {instruction} and {input}; the default is Alpaca's.",
     )
     max_length: int = Field(512, gt=0, description="Tokens per example; longer examples are truncated and counted.")
+    packing: bool = Field(False, description="Pack several training examples into each row of max_length tokens; "
+                          "no attention crosses an example boundary and positions restart at each example.")
 
 
 class TrainSection(Section):
@@ -95,6 +109,9 @@ class TrainSection(Section):
     eval_batches: int | None = Field(None, gt=0, description="Cap validation at N batches; null uses all.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers that get the metrics, the recipe and the eval results "
+        "besides metrics.jsonl: tensorboard, wandb, mlflow (each an extra: pip install 'sparseft[NAME]').")
 
 
 class DistributedSection(Section):

@@ -65,20 +65,38 @@ def load_run(run_dir: str | Path, state: str = "final", masters: bool = False, d
     return TrainedRun(recipe, method, model, tokenizer)
 
 
-def export_merged(run_dir: str | Path, out: str | Path) -> Path:
-    """Write a merged model that `AutoModelForCausalLM.from_pretrained` loads with no sparseft installed."""
+MERGED_FORMATS = ("hf", "compressed-tensors")
+
+
+def export_merged(run_dir: str | Path, out: str | Path, fmt: str = "hf") -> Path:
+    """Write a merged model: a plain Hugging Face directory that `AutoModelForCausalLM.from_pretrained` loads with no
+    sparseft installed (fmt hf), or with its sparse weights stored compressed (fmt compressed-tensors,
+    export/compressed.py)."""
+    if fmt not in MERGED_FORMATS:
+        raise UserError(f"--format {fmt!r}: unknown (known: {', '.join(MERGED_FORMATS)})")
+    save_weights = None
+    if fmt == "compressed-tensors":
+        from sparseft.export.compressed import require_compressed_tensors, save_compressed
+
+        require_compressed_tensors()
+        save_weights = save_compressed
     trained = load_run(run_dir, masters=True)
     # Folded in from the trained (master) values, then every weight in the storage dtype, rounded once.
     merged = trained.method.merged(trained.model).to(DTYPES[trained.recipe.model.dtype])
     files = {"sparseft_recipe.yaml": recipe_to_yaml(trained.recipe), **trained.method.export_files(merged)}
-    return save_merged_dir(merged, trained.tokenizer, out, _describe(trained, "merged"), files)
+    return save_merged_dir(merged, trained.tokenizer, out, _describe(trained, "merged"), files, save_weights)
 
 
 def save_merged_dir(model: nn.Module, tokenizer, out: str | Path, description: dict,
-                    files: dict[str, str] | None = None) -> Path:
-    """A plain Hugging Face directory (model, tokenizer, `sparseft_export.json`), written atomically."""
+                    files: dict[str, str] | None = None, save_weights=None) -> Path:
+    """A plain Hugging Face directory (model, tokenizer, `sparseft_export.json`), written atomically. `save_weights`
+    (model, directory) -> dict writes config and weights in another format and describes them (default:
+    save_pretrained)."""
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
+        if save_weights is None:
+            model.save_pretrained(tmp)
+        else:
+            description = {**description, "weights": save_weights(model, tmp)}
         tokenizer.save_pretrained(tmp)
         desc = {"format_version": 1, "sparseft_version": sparseft.__version__, **description}
         (tmp / "sparseft_export.json").write_text(json.dumps(desc, indent=2) + "\n")

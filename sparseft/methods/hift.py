@@ -255,13 +255,15 @@ class HiFT(Method):
         return self.cfg.offload and self._device.type == "cuda"
 
     def _park_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        """Where an inactive group's state waits: pinned CPU memory, copied without blocking, when offloading from a
-        GPU; else where it is (on a CPU-only run offloading is free: nothing is copied)."""
-        if not self._offloading or t.device.type == "cpu":
+        """Where an inactive group's state waits with `offload`: CPU memory, pinned and copied without blocking from a
+        GPU (on a CPU-only run the move is free: `.to("cpu")` copies nothing). Without `offload` it stays put."""
+        if not self.cfg.offload:
             return t
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-        host.copy_(t, non_blocking=True)  # ordered on the compute stream, before anything reuses t's memory
-        return host
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)  # ordered on the compute stream, before anything reuses t's memory
+            return host
+        return t.to("cpu")
 
     def _take_parked(self, name: str) -> dict:
         """The parked state of `name` on the compute device (prefetched when it could be), out of the parking."""

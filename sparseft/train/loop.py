@@ -27,6 +27,7 @@ from sparseft.train.distributed import DeepSpeedEngine, Ranks, SilentReporter, r
 from sparseft.train.optim import Engine
 from sparseft.train.precision import describe, keep_masters, peak_memory_mb, resolve_device, resolve_precision
 from sparseft.train.report import Reporter, plot_loss
+from sparseft.train.trackers import check_trackers, open_trackers
 
 
 @dataclass
@@ -52,6 +53,7 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     precision = resolve_precision(t.precision, recipe.model.dtype)
     ranks = start_ranks()
     device = resolve_device("auto" if ranks.launched else t.device)
+    check_trackers(t.report_to)
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code,
@@ -73,8 +75,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path,
                         device=device, master_dtype=None if ranks.launched else precision.master_dtype)
     meta = read_meta(ckpt) if ckpt else {"step": 0, "examples_seen": 0}
-    reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console) if ranks.is_main \
-        else SilentReporter()
+    reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console,
+                        open_trackers(recipe, run.path, meta["step"])) if ranks.is_main else SilentReporter()
     ctx.log = reporter.info
     reporter.info(data.summary())
     reporter.info(describe(device, recipe.model.dtype, precision, ranks.launched))
