@@ -82,6 +82,8 @@ def test_bad_task_files(tmp_path, tiny_model_dir, arith_tasks):
         "regex": ({"metric": "exact_match", "data": arith_tasks.data, "answer": "regex"}, ["pattern"]),
         "few shot": ({"metric": "multiple_choice", "data": arith_tasks.data, "few_shot": {"n": 2}},
                      ["few_shot", "exactly one"]),
+        "stride": ({"metric": "perplexity", "data": arith_tasks.data, "max_length": 8, "stride": 9},
+                   ["stride=9 is more than max_length=8"]),
     }
     for name, (spec, needles) in cases.items():
         path = write_task(tmp_path / f"{name.replace(' ', '_')}.yaml", **spec)
