@@ -5,6 +5,7 @@ Exit codes: 0 done, 2 bad input (one message naming the key, file or row), 1 a f
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -41,18 +42,42 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overri
 
 
 def user_errors(fn):
-    """Turn a UserError into its message and exit code 2; anything else is a bug and keeps its traceback (exit 1)."""
+    """Turn a UserError into its message and exit code 2; a failed run (RunFailure, a full disk) into its message and
+    exit code 1; a run stopped by a signal into 130 / 143 (sparseft/errors.py). Anything else is a bug and keeps its
+    traceback (exit 1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from sparseft.errors import Interrupted, RunFailure
+
         try:
             quiet_libraries()
             return fn(*args, **kwargs)
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2)
+        except RunFailure as e:
+            _say("failed", e)
+            raise typer.Exit(1)
+        except Interrupted as e:
+            _say("stopped", e)
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:  # a second Ctrl-C while a run stops
+            _say("stopped", "interrupted again: stopped at once, without a checkpoint")
+            raise typer.Exit(130)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            _say("failed", f"{e.filename or 'disk'}: {e.strerror}; free some space (checkpoints already written "
+                           "are kept; --resume continues from the newest)")
+            raise typer.Exit(1)
 
     return wrapper
+
+
+def _say(kind: str, e) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:  # every rank of a job stops alike; rank 0 says why
+        err_console.print(f"[bold red]{kind}:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
 
 
 @app.command()

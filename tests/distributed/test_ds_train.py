@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from sparseft.export.run import export_merged
 from sparseft.recipe import load_recipe
+from sparseft.train.checkpoint import load_engine_state
 from sparseft.train.launch import launch
 from sparseft.train.loop import train
 from tests.helpers import records, write_recipe
@@ -119,13 +120,14 @@ def test_two_ranks_equal_one_process(runs, method, tmp_path):
     assert_close(load_file(str(ranks / "final" / "trainable.safetensors")), uninterrupted, atol=1e-6)
     # The checkpoint is the single-process format: full optimizer state per parameter, equal to one process's.
     ckpt = f"checkpoints/step-{SAVE:08d}"
-    sa, sb = (torch.load(r / ckpt / "engine.pt", weights_only=False)["engine"] for r in (ranks, single))
+    sa, sb = (load_engine_state(r / ckpt)[0] for r in (ranks, single))
     assert sa["scheduler"] == sb["scheduler"]
     assert len(sa["optimizer"]["param_groups"]) == len(sb["optimizer"]["param_groups"])
     for i, state in sb["optimizer"]["state"].items():
         assert_close({k: v for k, v in sa["optimizer"]["state"][i].items()}, state, atol=1e-6)
     assert json.loads((ranks / ckpt / "state.json").read_text()) == {
-        "step": SAVE, "examples_seen": SAVE * MICRO * RANKS, "ranks": RANKS}
+        "step": SAVE, "examples_seen": SAVE * MICRO * RANKS, "ranks": RANKS, "micro_batch_size": MICRO,
+        "grad_accum_steps": 1}
 
     # Export reads a distributed run unchanged and gives the single run's merged model.
     export_merged(ranks, tmp_path / "from-ranks")
