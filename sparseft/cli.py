@@ -141,8 +141,12 @@ def validate(
         console.print(f"[green]ok[/] {recipe}: eval task {task.name}", highlight=False)
         return
     from sparseft.methods import build_method, check_against_config
+    from sparseft.preflight import path_problems
 
     r = load_recipe(recipe, overrides or [])
+    problems = path_problems(r)
+    if problems:
+        raise UserError(f"{recipe}: {len(problems)} problem(s)", problems)
     method = build_method(r.method)
     if r.distributed is not None and r.distributed.config is not None:
         from sparseft.train.distributed import check_method_stage, resolve_ds_config, zero_stage

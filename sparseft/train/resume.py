@@ -3,7 +3,8 @@
 A checkpoint records how its global batch was split (`micro_batch_size` x `grad_accum_steps` x `ranks` in state.json).
 Resumed on another number of ranks, the run keeps that global batch (the data stream and the optimizer see the same
 steps): grad_accum_steps adapts when it divides, else the resume is refused with the override that fixes it. The
-recipe's micro_batch_size and grad_accum_steps may be overridden on resume for that; every other key must match.
+recipe's micro_batch_size and grad_accum_steps may be overridden on resume for that, and a run directory may be moved;
+every other key must match.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ BATCH_SPLIT = ("micro_batch_size", "grad_accum_steps")
 
 
 def same_recipe(saved_yaml: str, recipe_yaml: str) -> bool:
-    """The recipes agree but for how the global batch is split (checked against the checkpoint instead)."""
+    """The recipes agree but for how the global batch is split (checked against the checkpoint instead) and where the
+    run directory is (it may have been moved)."""
 
     def comparable(text: str):
-        data = yaml.safe_load(text)
-        for key in BATCH_SPLIT:
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        for key in (*BATCH_SPLIT, "output_dir"):
             data.get("train", {}).pop(key, None)
         return data
 

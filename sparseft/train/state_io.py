@@ -30,9 +30,11 @@ def save_tree(directory: Path, name: str, tree: Any) -> None:
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
 
-    def enc(x):
+    def enc(x, at: str):
         if isinstance(x, torch.Tensor):
-            key = str(len(tensors))
+            key = at.lstrip(".") or "."  # its path in the tree, e.g. engine.optimizer.state.0.exp_avg
+            while key in tensors:  # keys with dots could spell the same path twice
+                key += "'"
             t = x.detach().to("cpu").contiguous()
             ptr = t.untyped_storage().data_ptr() if t.numel() else None
             if ptr is not None and ptr in seen:  # safetensors refuses tensors that share memory
@@ -46,19 +48,19 @@ def save_tree(directory: Path, name: str, tree: Any) -> None:
         if isinstance(x, np.generic):
             return x.item()
         if isinstance(x, tuple):
-            return {"$tuple": [enc(v) for v in x]}
+            return {"$tuple": [enc(v, f"{at}.{i}") for i, v in enumerate(x)]}
         if isinstance(x, list):
-            return [enc(v) for v in x]
+            return [enc(v, f"{at}.{i}") for i, v in enumerate(x)]
         if isinstance(x, dict):
             if all(isinstance(k, str) and not k.startswith("$") for k in x):
-                return {k: enc(v) for k, v in x.items()}
-            return {"$items": [[enc(k), enc(v)] for k, v in x.items()]}
+                return {k: enc(v, f"{at}.{k}") for k, v in x.items()}
+            return {"$items": [[enc(k, f"{at}.{k}#key"), enc(v, f"{at}.{k}")] for k, v in x.items()]}
         if x is None or isinstance(x, (bool, int, float, str)):
             return x
         raise TypeError(f"checkpoint state: cannot store a {type(x).__name__} (tensors, arrays, numbers, strings, "
                         "lists, tuples and dicts only)")
 
-    doc = {"format": FORMAT, "tree": enc(tree)}
+    doc = {"format": FORMAT, "tree": enc(tree, "")}
     (directory / f"{name}.json").write_text(json.dumps(doc) + "\n")
     save_file(tensors, str(directory / f"{name}.safetensors"))
 
