@@ -48,8 +48,8 @@ def resume_batch(recipe: Recipe, meta: dict, world: int) -> Recipe:
         raise UserError(f"train.output_dir={t.output_dir}: {where}, which {world} ranks cannot share evenly; resume "
                         f"on a number of ranks that divides {total} (it was written on {ranks})")
     fits = max(m for m in range(1, min(t.micro_batch_size, total // world) + 1) if (total // world) % m == 0)
-    raise UserError(f"train.output_dir={t.output_dir}: {where}; on {world} rank(s) train.micro_batch_size="
-                    f"{t.micro_batch_size} does not divide it; resume with the override "
+    raise UserError(f"train.output_dir={t.output_dir}: {where}; on {world} rank(s) each takes {total // world}, "
+                    f"which train.micro_batch_size={t.micro_batch_size} does not divide; resume with the override "
                     f"train.micro_batch_size={fits} (grad_accum_steps then adapts) or on {ranks} rank(s)")
 
 
