@@ -157,6 +157,15 @@ def validate(
                   f"{r.train.max_steps} steps", highlight=False)
 
 
+def _writable(*options: tuple[str, Optional[Path]], directory: bool = False) -> None:
+    """Output paths that cannot be written are a message before any work, not a traceback after it."""
+    from sparseft.files import check_output_path
+
+    for where, path in options:
+        if path is not None:
+            check_output_path(path, where, directory)
+
+
 def bundled_recipes_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "recipes"
 
@@ -195,8 +204,10 @@ def recipes_cp(name: Annotated[str, typer.Argument(help="Recipe name (see `spars
         known = ", ".join(sorted(f.stem for f in bundled_recipes_dir().glob("*.yaml")))
         raise UserError(f"recipe {name!r}: not bundled (known: {known})")
     target = dest / src.name if dest.is_dir() else dest
+    _writable(("recipes cp", target))
     if target.exists():
         raise UserError(f"{target}: exists already; choose another destination")
+    target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, target)
     console.print(f"wrote {target}", highlight=False)
 
@@ -213,6 +224,7 @@ def export(
 
     if merged is None and adapter is None:
         raise UserError("export: give --merged OUT and/or --adapter OUT")
+    _writable(("--merged", merged), ("--adapter", adapter), directory=True)
     if adapter is not None:
         console.print(f"adapter → {export_adapter(run_dir, adapter)}", highlight=False)
     if merged is not None:
@@ -251,6 +263,7 @@ def eval_cmd(
 
     if form is not None and form not in ("text", "instruction", "chat", "completion"):
         raise UserError(f"--form {form!r}: expected text, instruction, chat or completion")
+    _writable(("--json", json_out), ("--samples", samples))
     tasks = [data_task(str(data), form, max_length, batch_size)] if data is not None else []
     tasks += [load_task(t) for t in task or []]
     if harness_task:
@@ -305,6 +318,7 @@ def generate(
         raise UserError(f"--output {output!r}: expected text or jsonl")
     if top_p == 0:
         raise UserError("--top-p 0: must be above 0 (1 keeps every token)")
+    _writable(("--out", out))
     requests = requests_from_texts(prompt or []) + (requests_from_file(prompts) if prompts is not None else [])
     records = run_generation(model, requests, adapter or [], Sampling(max_new_tokens, temperature, top_p, seed,
                                                                         tuple(stop or [])), chat, batch_size)
@@ -333,6 +347,7 @@ def bench(
     from sparseft.recipe import load_recipe
 
     r = load_recipe(recipe)
+    _writable(("--out", out), directory=True)
     entries = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [e for e in entries if e not in (*method_names(), "floor", "serve")]
     if unknown:
@@ -356,6 +371,7 @@ def adapter_apply(
     from sparseft.export.run import save_merged_dir
     from sparseft.models import load_model, load_tokenizer
 
+    _writable(("--out", out), directory=True)
     model = load_model(str(base), key="BASE")
     tokenizer = load_tokenizer(str(base), key="BASE")
     adapters = [load_sparse_adapter(a, model) for a in adapter]

@@ -61,6 +61,22 @@ def _sync_tree(root: Path) -> None:
         _fsync(Path(dirpath))
 
 
+def check_output_path(path: str | Path, where: str, directory: bool = False) -> None:
+    """A UserError starting with `where` when `path` cannot be written: a file is in the way (on its path or, for a
+    directory, at it), or the nearest existing folder above it is not writable."""
+    from sparseft.errors import UserError
+
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"{where} {path}: a file, not a directory")
+    existing = next((p for p in path.parents if p.exists()), None)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"{where} {path}: {blocker} is a file, not a directory")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{where} {path}: {existing} is not writable")
+
+
 def read_json_object(path: Path, where: str) -> dict:
     """A JSON file that must hold an object; a UserError starting with `where` when it does not parse or is not one."""
     from sparseft.errors import UserError
