@@ -3,6 +3,7 @@ everything method-specific goes through the method protocol (sparseft/methods/ba
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import random
@@ -51,11 +52,12 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
     """Run a recipe in this process, or as one rank of a launched job (every rank calls this; rank 0 writes).
     SIGTERM / SIGINT stop it after the current step and a checkpoint (`Interrupted`); a non-finite step stops it
     before anything of that step is saved (`RunFailure`, see sparseft/train/guard.py)."""
-    with StopSignals() as stop:
-        return _train(recipe, resume, overwrite, reporter_console, stop)
+    with StopSignals() as stop, contextlib.ExitStack() as on_exit:
+        return _train(recipe, resume, overwrite, reporter_console, stop, on_exit)
 
 
-def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter_console, stop: StopSignals) -> RunResult:
+def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter_console, stop: StopSignals,
+           on_exit: contextlib.ExitStack) -> RunResult:
     t = recipe.train
     run = RunDir(Path(t.output_dir))
     ranks = start_ranks()
@@ -82,6 +84,7 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter_console, stop
     meta = read_meta(ckpt) if ckpt else {"step": 0, "examples_seen": 0}
     reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console) if ranks.is_main \
         else SilentReporter()
+    on_exit.callback(reporter.close)  # also when the run stops early: the progress display ends, metrics are closed
     ctx.log = reporter.info
     reporter.info(data.summary())
     if ckpt is None:

@@ -1,5 +1,7 @@
 """SIGTERM to `sparseft train --nproc 2`: both ranks stop after the same step with a checkpoint, the command exits 143,
-no process of the job is alive 10 s later, and --resume on 2 ranks gives the uninterrupted 2-rank run's weights."""
+no process of the job is alive 10 s later, and --resume on 2 ranks gives the uninterrupted 2-rank run's weights.
+In the same launch, a run whose loss blows up stops on both ranks at the same step with the same message, and every
+checkpoint it wrote is finite."""
 
 from __future__ import annotations
 
@@ -57,11 +59,22 @@ def test_sigterm_at_the_launcher_stops_every_rank_with_a_checkpoint(tiny_model_d
     assert [r["step"] for r in records(out)] == list(range(1, step + 1))
 
     # Resume on 2 ranks, then an uninterrupted 2-rank run of the same recipe (one launch): the same weights.
-    reference = tmp_path / "reference"
-    assert launch("tests.distributed.resume_worker", [str(recipe), str(reference)], nproc=2) == 0
+    reference, blown = tmp_path / "reference", tmp_path / "nan"
+    assert launch("tests.distributed.resume_worker", [str(recipe), str(reference), str(blown)], nproc=2) == 0
     print(f"SIGTERM after step {step}; stop, resume and reference took {time.perf_counter() - began:.1f}s")
     a, b = (load_file(str(d / "final" / "trainable.safetensors")) for d in (out, reference))
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     assert [r["step"] for r in records(out)] == list(range(1, STEPS + 1))
+
+    # Non-finite steps on 2 ranks: both skip the same steps, and both stop at the same one with the same message.
+    failures = [(blown / f"failure-rank-{r}.txt").read_text() for r in (0, 1)]
+    assert failures[0] == failures[1] and "3 steps in a row" in failures[0], failures
+    skipped = [r["step"] for r in records(blown) if r.get("skipped")]
+    stop = int(re.match(r"step (\d+)", failures[0]).group(1))
+    assert skipped == [stop - 2, stop - 1] and not (blown / "final").exists()
+    for ckpt in (blown / "checkpoints").iterdir():
+        assert int(ckpt.name.split("-")[1]) < stop
+        for t in load_file(str(ckpt / "trainable.safetensors")).values():
+            assert torch.isfinite(t).all()
