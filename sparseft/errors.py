@@ -1,5 +1,6 @@
-"""User-facing errors. A `UserError` ends the CLI with its message and exit code 2, a `RunFailure` with its message and
-exit code 1, an `Interrupted` run with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM); never a traceback."""
+"""User-facing errors. A `UserError` ends the CLI with its message and exit code 2, a `RunFailure` with its message
+and exit code 1, an `Interrupted` run with 128 + the signal's number (130 for SIGINT, 143 for SIGTERM); never a
+traceback."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class UserError(Exception):
 
 
 class RunFailure(Exception):
-    """A run that cannot go on: non-finite loss or gradients, a full disk. The message names the step and what is kept."""
+    """A run that cannot go on: non-finite loss or gradients, a full disk. The message names the step and what is
+    kept."""
 
     exit_code = 1
 

@@ -33,7 +33,8 @@ def path_problems(recipe: Recipe) -> list[str]:
     for key, value in files.items():
         p = Path(value)
         if p.suffix.lower() not in SUFFIXES:
-            problems.append(f"{key}={value}: unknown file type {p.suffix or '(none)'!r}; use one of {', '.join(SUFFIXES)}")
+            problems.append(f"{key}={value}: unknown file type {p.suffix or '(none)'!r}; use one of "
+                            f"{', '.join(SUFFIXES)}")
         elif not p.is_file():
             problems.append(f"{key}={value}: no such file")
         elif p.stat().st_size == 0:

@@ -41,10 +41,12 @@ def recipe_cases(base: dict) -> list[tuple[str, dict, list[str], list[str]]]:
         node[rest[-1]] = SPECIAL.get(key, NOT_SCALAR)
         out.append((key, recipe, [], [key]))
     overrides = [
-        ("train.lr=abc", "train.lr"), ("train.max_steps=-3", "train.max_steps"), ("train.max_steps=1.5", "train.max_steps"),
+        ("train.lr=abc", "train.lr"), ("train.max_steps=-3", "train.max_steps"),
+        ("train.max_steps=1.5", "train.max_steps"),
         ("train.nope=1", "train.nope"), ("nope=1", "nope"), ("=3", "'=3'"), ("train.lr", "'train.lr'"),
         ("train.output_dir=${nowhere}", "nowhere"), ("train.betas=[1]", "train.betas"), ("method.name=lorra", "lorra"),
-        ("method.r=8", "method.r"), ("data.format=tsv", "data.format"), ("train.on_nonfinite=maybe", "train.on_nonfinite"),
+        ("method.r=8", "method.r"), ("data.format=tsv", "data.format"),
+        ("train.on_nonfinite=maybe", "train.on_nonfinite"),
         ("train.max_skipped_steps=0", "train.max_skipped_steps"), ("model.dtype=float8", "model.dtype"),
         ("train.schedule=exp", "train.schedule"), ("data.max_length=0", "data.max_length"),
         ("train.keep_checkpoints=0", "train.keep_checkpoints"), ("train.save_every=-1", "train.save_every"),
@@ -64,8 +66,10 @@ YAML_TEXTS = [
 
 INSTR = {"instruction": "Add.", "input": "3 4", "output": "7"}
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
-GOOD = {"text": {"text": "one two"}, "instruction": INSTR, "chat": CHAT, "completion": {"prompt": "1 + 1 =", "completion": " 2"}}
-FIELDS = {"text": ["text"], "instruction": ["instruction", "output"], "chat": ["messages"], "completion": ["prompt", "completion"]}
+GOOD = {"text": {"text": "one two"}, "instruction": INSTR, "chat": CHAT,
+        "completion": {"prompt": "1 + 1 =", "completion": " 2"}}
+FIELDS = {"text": ["text"], "instruction": ["instruction", "output"], "chat": ["messages"],
+          "completion": ["prompt", "completion"]}
 WRONG = [7, None, ["a"], {"a": 1}, True]
 
 
@@ -194,15 +198,15 @@ def _check(result, needles: list[str]) -> str | None:
 
 def adapter_cases(tmp: Path, model: str) -> list:
     cases = []
+    config = {"method": "s2ft", "format_version": 1, "base_model": model}
     variants = {
         "missing dir": None, "empty dir": {}, "config not json": {"adapter_config.json": "{nope"},
         "config a list": {"adapter_config.json": "[1]"},
         "no method": {"adapter_config.json": json.dumps({"format_version": 1})},
         "unknown method": {"adapter_config.json": json.dumps({"method": "magic", "format_version": 1})},
-        "no weights": {"adapter_config.json": json.dumps({"method": "s2ft", "format_version": 1, "base_model": model})},
-        "corrupt weights": {"adapter_config.json": json.dumps({"method": "s2ft", "format_version": 1, "base_model": model}),
-                            "adapter_model.safetensors": "garbage"},
-        "future format": {"adapter_config.json": json.dumps({"method": "s2ft", "format_version": 99, "base_model": model})},
+        "no weights": {"adapter_config.json": json.dumps(config)},
+        "corrupt weights": {"adapter_config.json": json.dumps(config), "adapter_model.safetensors": "garbage"},
+        "future format": {"adapter_config.json": json.dumps({**config, "format_version": 99})},
     }
     for i, (cid, files) in enumerate(variants.items()):
         d = tmp / f"adapter{i}"

@@ -228,8 +228,9 @@ def _stopped(run: RunDir, step: int, signum: int, ranks: Ranks) -> None:
     """Every rank leaves together once rank 0 has written the checkpoint (the launcher stops the job when the first
     rank exits)."""
     ranks.all_sum([0.0])
-    raise Interrupted(f"{signal_name(signum)}: stopped after step {step}; checkpoint {run.checkpoints / f'step-{step:08d}'}"
-                      "; continue with --resume", signum)
+    ckpt = run.checkpoints / f"step-{step:08d}"
+    raise Interrupted(f"{signal_name(signum)}: stopped after step {step}; checkpoint {ckpt}; continue with --resume",
+                      signum)
 
 
 def _restore(ckpt: Path, engine, method) -> int:

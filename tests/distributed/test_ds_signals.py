@@ -60,7 +60,12 @@ def test_sigterm_at_the_launcher_stops_every_rank_with_a_checkpoint(tiny_model_d
 
     # Resume on 2 ranks, then an uninterrupted 2-rank run of the same recipe (one launch): the same weights.
     reference, blown = tmp_path / "reference", tmp_path / "nan"
-    assert launch("tests.distributed.resume_worker", [str(recipe), str(reference), str(blown)], nproc=2) == 0
+    (tmp_path / "nan-recipe").mkdir()
+    nan_recipe = write_recipe(tmp_path / "nan-recipe", tiny_model_dir("llama"), {"name": "full"},
+                              data={"validation": None}, distributed={"config": "configs/zero2.json"},
+                              train={"max_steps": 8, "micro_batch_size": 2, "lr": 1e10, "save_every": 1,
+                                     "on_nonfinite": "skip", "max_skipped_steps": 2, "output_dir": str(blown)})
+    assert launch("tests.distributed.resume_worker", [str(recipe), str(reference), str(nan_recipe)], nproc=2) == 0
     print(f"SIGTERM after step {step}; stop, resume and reference took {time.perf_counter() - began:.1f}s")
     a, b = (load_file(str(d / "final" / "trainable.safetensors")) for d in (out, reference))
     assert a.keys() == b.keys()

@@ -28,7 +28,8 @@ STEPS, KILL_AT = 12, 11
 METHODS = {
     "full": {"name": "full"},
     "lora": {"name": "lora", "r": 4, "dropout": 0.1},
-    "s2ft": {"name": "s2ft", "projections": ["v", "o", "up", "down"], "heads": {"count": 1}, "channels": {"ratio": 0.1}},
+    "s2ft": {"name": "s2ft", "projections": ["v", "o", "up", "down"], "heads": {"count": 1},
+             "channels": {"ratio": 0.1}},
     "hift": {"name": "hift", "order": "random"},
     "lamda": {"name": "lamda", "r": 4, "freeze_b": {"start": 0.2, "end": 0.7}},
     "squarehead": {"name": "squarehead"},
@@ -47,7 +48,8 @@ def test_sigkill_after_every_checkpoint_resumes_exactly(tiny_model_dir, tmp_path
         recipes[name] = write_recipe(tmp_path / name, model, method, data={"validation": None},
                                      train={**TRAIN, "output_dir": str(tmp_path / name / "run")})
     began = time.perf_counter()
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-m", "tests.train.kill_worker", str(KILL_AT), *map(str, recipes.values())],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
