@@ -12,28 +12,11 @@ import signal
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
-
-from sparseft.cli import app
 from sparseft.errors import UserError
 from sparseft.recipe import load_recipe
 from sparseft.train.optim import Engine
 from sparseft.train.resume import resume_batch, same_recipe
-from tests.helpers import cli, records, write_recipe
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_exit(result, code, *needles):
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in result.output, (n, result.output)
-
+from tests.helpers import assert_exit, cli, records, run, write_recipe
 
 def checkpoints(run_dir):
     return sorted(d.name for d in (run_dir / "checkpoints").iterdir())
