@@ -212,3 +212,23 @@ def test_a_one_host_hostfile_for_this_machine_needs_no_ssh(tmp_path, monkeypatch
     hostfile.write_text("localhost slots=2\n")
     assert launch.check_launch_args(None, hostfile) == 2
     assert launch.check_launch_args(1, hostfile) == 1
+
+
+def test_a_loss_scalers_own_skips_are_not_counted():
+    """fp16 loss scaling skips overflowing steps itself (the optimizer is never called) and lowers its scale: normal
+    work, not a non-finite run. Without a scaler the same step stops the run."""
+    import math
+
+    from sparseft.train.guard import NonFiniteGuard
+
+    class Scaled:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+        scaler = object()
+
+    class Plain:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1.0)
+
+    scaled, plain = NonFiniteGuard(Scaled()), NonFiniteGuard(Plain())
+    assert scaled.check(1, {"loss": 2.0, "grad_norm": math.inf}) == {} and scaled.failure is None
+    assert plain.check(1, {"loss": 2.0, "grad_norm": math.inf}) == {"nonfinite": True}
+    assert "step 1: gradient norm inf" in plain.failure
