@@ -183,8 +183,9 @@ def test_hift_single_process_checkpoint_is_refused_under_zero(tiny_model_dir, tm
                           distributed={"config": "configs/zero2.json"}, train={**TRAIN, "output_dir": str(tmp_path / "run")})
     train(load_recipe(recipe))  # not launched: one process (the distributed section applies to ranks only)
     shutil.rmtree(tmp_path / "run" / "final")
-    proc = subprocess.run([sys.executable, "-m", "sparseft.cli", "train", str(recipe), "--nproc", "2", "--resume"],
-                          capture_output=True, text=True, timeout=300)
+    # Half the micro batch on each of 2 ranks keeps the checkpoint's global batch (else that is refused first).
+    proc = subprocess.run([sys.executable, "-m", "sparseft.cli", "train", str(recipe), "--nproc", "2", "--resume",
+                           f"train.micro_batch_size={MICRO // 2}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "hift: this checkpoint was written by a single process" in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "final").exists()
