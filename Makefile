@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast mutate clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[deepspeed,test]'
+	# The reference the compressed-tensors export is checked against (tests/methods/squarehead/test_sq_compressed.py):
+	# compressed-tensors 0.14, the last release with the sparse compressors; it pins transformers < 5, so it lives in
+	# its own folder, without dependencies, on PYTHONPATH for that test's subprocess only.
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/ct-legacy compressed-tensors==0.14.0.1 loguru
 	touch $(STAMP)
 
 demo: install
@@ -35,5 +39,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Mutation testing of the core mechanics (not part of make test); MODULES="kernels hift" runs some of them.
+mutate: install
+	$(BIN)/python -m pip install -q -e '.[mutate]'
+	$(BIN)/python scripts/mutate.py $(MODULES)
+
 clean:
-	rm -rf runs demo .pytest_cache
+	rm -rf runs demo .pytest_cache mutants

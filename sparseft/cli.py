@@ -38,6 +38,7 @@ def _console(stderr: bool = False) -> Console:
 console = _console()
 err_console = _console(stderr=True)
 
+Device = Annotated[str, typer.Option(help="auto (a GPU when there is one, else the CPU), cpu, cuda or cuda:N.")]
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. train.lr=1e-4", show_default=False)]
 
 
@@ -142,8 +143,10 @@ def validate(
         return
     from sparseft.methods import build_method, check_against_config
     from sparseft.preflight import path_problems
+    from sparseft.train.trackers import check_trackers
 
     r = load_recipe(recipe, overrides or [])
+    check_trackers(r.train.report_to)
     problems = path_problems(r)
     if problems:
         raise UserError(f"{recipe}: {len(problems)} problem(s)", problems)
@@ -218,6 +221,9 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory (train.output_dir).")],
     merged: Annotated[Optional[Path], typer.Option(help="Write a merged Hugging Face model here.")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="Write the method's adapter here.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="--merged: hf (plain Hugging Face weights) or "
+                                                      "compressed-tensors (sparse weights stored as bitmasks; needs "
+                                                      "the `compressed` extra).")] = "hf",
 ):
     """Export a run as a merged model (--merged OUT) and/or an adapter (--adapter OUT), in the base model's layout."""
     from sparseft.export.run import export_adapter, export_merged
@@ -228,7 +234,7 @@ def export(
     if adapter is not None:
         console.print(f"adapter → {export_adapter(run_dir, adapter)}", highlight=False)
     if merged is not None:
-        console.print(f"merged model → {export_merged(run_dir, merged)}", highlight=False)
+        console.print(f"merged model → {export_merged(run_dir, merged, fmt)}", highlight=False)
 
 
 @app.command("eval")
@@ -254,6 +260,7 @@ def eval_cmd(
                                                                 "better), e.g. perplexity=2.5.")] = None,
     max_length: Annotated[int, typer.Option(help="--data: tokens per example.")] = 512,
     batch_size: Annotated[int, typer.Option(help="--data: examples per forward.")] = 8,
+    device: Device = "auto",
 ):
     """Score a model (alone, or with each adapter in turn) on tasks: perplexity, exact match, multiple choice, and
     lm-evaluation-harness tasks; a table, JSON and CI gates."""
@@ -275,7 +282,7 @@ def eval_cmd(
         check_gate_names(tasks, {"--fail-under": under, "--fail-over": over})
     rows: list | None = [] if samples is not None else None
     results = evaluate(model, tasks, adapter or [], baseline or [], harness_task or [], samples=rows,
-                       log=lambda s: err_console.print(f"[dim]scoring {s}[/]", highlight=False))
+                       log=lambda s: err_console.print(f"[dim]scoring {s}[/]", highlight=False), device=device)
     console.print(results_table(results))
     if json_out is not None:
         write_json(results, json_out)
@@ -308,6 +315,7 @@ def generate(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 8,
     output: Annotated[str, typer.Option(help="text or jsonl.")] = "text",
     out: Annotated[Optional[Path], typer.Option(help="Write the output here instead of the terminal.")] = None,
+    device: Device = "auto",
 ):
     """Generate from prompts with a model, alone or with adapters (S2FT adapters mix in one batch, unmerged)."""
     from sparseft.infer.generate import Sampling
@@ -321,7 +329,8 @@ def generate(
     _writable(("--out", out))
     requests = requests_from_texts(prompt or []) + (requests_from_file(prompts) if prompts is not None else [])
     records = run_generation(model, requests, adapter or [], Sampling(max_new_tokens, temperature, top_p, seed,
-                                                                        tuple(stop or [])), chat, batch_size)
+                                                                        tuple(stop or [])), chat, batch_size,
+                             device=device)
     if output == "jsonl":
         write_jsonl(records, out if out is not None else sys.stdout)
     elif out is not None:
@@ -339,6 +348,7 @@ def bench(
     steps: Annotated[int, typer.Option(help="Timed steps per method.")] = 5,
     warmup: Annotated[int, typer.Option(help="Untimed steps first.")] = 2,
     out: Annotated[Path, typer.Option(help="Directory for bench.json and bench.png.")] = Path("runs/bench"),
+    device: Device = "auto",
 ):
     """Median step time and peak memory of several methods on the same model and batch, each in its own process,
     with ratios to full FT and to the floor (a frozen model: forward plus input-gradient backprop only)."""
@@ -352,7 +362,10 @@ def bench(
     unknown = [e for e in entries if e not in (*method_names(), "floor", "serve")]
     if unknown:
         raise UserError(f"--methods: unknown entries {unknown} (known: floor, serve, {', '.join(method_names())})")
-    run_bench(r, recipe, entries, steps, warmup, out, console)
+    from sparseft.train.precision import resolve_device
+
+    resolve_device(device, key="--device")  # a bad or missing device fails here, not in every entry's process
+    run_bench(r, recipe, entries, steps, warmup, out, console, device)
 
 
 adapter_app = typer.Typer(no_args_is_help=True, help="Apply S2FT adapters to a base model: fuse several and save.")
@@ -365,14 +378,23 @@ def adapter_apply(
     base: Annotated[Path, typer.Argument(help="The base model directory the adapters were trained on.")],
     adapter: Annotated[list[Path], typer.Option(help="Adapter directory; repeat to fuse several (overlaps add).")],
     out: Annotated[Path, typer.Option(help="Where to write the merged model.")],
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16: the dtype the base is loaded, "
+                                                      "merged and saved in. Default: the one the first adapter was "
+                                                      "trained over (its base_dtype), so the merge is exact.")] = None,
 ):
     """Fuse one or several sparse (S2FT) adapters into a base model and save a plain Hugging Face model."""
+    from sparseft.export.adapter_files import read_adapter
     from sparseft.export.sparse_adapters import apply_adapters, load_sparse_adapter
     from sparseft.export.run import save_merged_dir
     from sparseft.models import load_model, load_tokenizer
+    from sparseft.models.loader import DTYPES
 
     _writable(("--out", out), directory=True)
-    model = load_model(str(base), key="BASE")
+    if dtype is None:
+        dtype = read_adapter(adapter[0])[0].get("base_dtype", "float32") if adapter else "float32"
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    model = load_model(str(base), dtype, key="BASE")
     tokenizer = load_tokenizer(str(base), key="BASE")
     adapters = [load_sparse_adapter(a, model) for a in adapter]
     apply_adapters(model, adapters)

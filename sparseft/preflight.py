@@ -25,8 +25,10 @@ def path_problems(recipe: Recipe) -> list[str]:
     attempt(_check_source, recipe.model.path, "model.path")
     if recipe.model.tokenizer and not Path(recipe.model.tokenizer).expanduser().is_dir():
         attempt(_check_source, recipe.model.tokenizer, "model.tokenizer")
-    files = {"data.train.path": recipe.data.train.path}
-    if recipe.data.validation is not None:
+    files = {}  # local data files (a hub dataset is checked when it is read)
+    if recipe.data.train.path is not None:
+        files["data.train.path"] = recipe.data.train.path
+    if recipe.data.validation is not None and recipe.data.validation.path is not None:
         files["data.validation.path"] = recipe.data.validation.path
     if recipe.eval is not None and recipe.eval.data:
         files["eval.data"] = recipe.eval.data

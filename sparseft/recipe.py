@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from sparseft.errors import UserError
 from sparseft.methods import MethodConfig
@@ -31,12 +31,29 @@ class Section(BaseModel):
 class ModelSection(Section):
     path: str = Field(description="Local directory of a Hugging Face causal LM, or a hub id (only when online).")
     tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to model.path.")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are loaded and trained in.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Storage dtype of the model's weights as loaded (the frozen weights keep it). What the "
+                               "trainable weights live in is train.precision's choice.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel passed to transformers: eager, sdpa or flash_attention_2 (needs CUDA and "
+                          "the flash-attn package); null lets transformers pick.")
 
 
 class DataFile(Section):
-    path: str = Field(description="A local .jsonl, .json, .csv or .parquet file.")
+    path: str | None = Field(None, description="A local .jsonl, .json, .csv or .parquet file (or give hub).")
+    hub: str | None = Field(None, description="A Hugging Face dataset id (org/name), read with datasets.load_dataset "
+                            "(cached after the first download), or a directory written by save_to_disk.")
+    split: str = Field("train", description="hub: the split to read.")
+    subset: str | None = Field(None, description="hub: the dataset's configuration (subset) name.")
+    revision: str | None = Field(None, description="hub: a branch, tag or commit of the dataset repository.")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        from sparseft.data.hub import check_source
+
+        check_source(self)
+        return self
 
 
 class DataSection(Section):
@@ -57,6 +74,8 @@ class DataSection(Section):
         description="instruction form: a template with {instruction} and {input}; the default is Alpaca's.",
     )
     max_length: int = Field(512, gt=0, description="Tokens per example; longer examples are truncated and counted.")
+    packing: bool = Field(False, description="Pack several training examples into each row of max_length tokens; "
+                          "no attention crosses an example boundary and positions restart at each example.")
 
 
 class TrainSection(Section):
@@ -75,6 +94,16 @@ class TrainSection(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm; null disables.")
     seed: int = Field(0, description="Seeds data order, initialisation and selection.")
     gradient_checkpointing: bool = Field(False, description="Recompute block activations in backward.")
+    device: str = Field(
+        "auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+        description="auto (this rank's GPU when there is one, else the CPU), cpu, cuda or cuda:N. Launched ranks "
+                    "(--nproc) always take their local rank's device.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed"] = Field(
+        "auto",
+        description="fp32; bf16-mixed (trainable weights and optimizer state in fp32, forward and backward under bf16 "
+                    "autocast); bf16-true (everything in bf16, no fp32 copies: small updates round away); fp16-mixed "
+                    "(fp16 autocast with a gradient scaler); auto: bf16-mixed when model.dtype is bfloat16, "
+                    "fp16-mixed when it is float16, else fp32.")
     log_every: int = Field(1, gt=0, description="Write a metrics line every N steps.")
     eval_every: int | None = Field(None, gt=0, description="Validation loss every N steps (needs validation data).")
     eval_batches: int | None = Field(None, gt=0, description="Cap validation at N batches; null uses all.")
@@ -85,6 +114,9 @@ class TrainSection(Section):
         "skip (drop its update, count it in metrics.jsonl).")
     max_skipped_steps: int = Field(10, gt=0, description="on_nonfinite=skip: stop after this many skipped steps in a "
                                    "row.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers that get the metrics, the recipe and the eval results "
+        "besides metrics.jsonl: tensorboard, wandb, mlflow (each an extra: pip install 'sparseft[NAME]').")
 
 
 class DistributedSection(Section):
@@ -172,11 +204,17 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def validate_recipe_data(data: Any, source: str = "recipe") -> Recipe:
+    from sparseft.train.precision import check_precision
+
     try:
-        return recipe_model().model_validate(data)
+        recipe = recipe_model().model_validate(data)
     except ValidationError as e:
         problems = _problems(e, data if isinstance(data, dict) else {})
         raise UserError(f"{source}: {len(problems)} problem(s)", problems) from None
+    problem = check_precision(recipe.train.precision, recipe.model.dtype)
+    if problem:
+        raise UserError(f"{source}: 1 problem(s)", [problem])
+    return recipe
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -20,9 +20,10 @@ from sparseft.recipe import Recipe
 
 
 
-def run_entry(recipe_path: Path, entry: str, steps: int, warmup: int, sets: list[str] = (), console=None) -> dict:
+def run_entry(recipe_path: Path, entry: str, steps: int, warmup: int, sets: list[str] = (), console=None,
+              device: str = "auto") -> dict:
     cmd = [sys.executable, "-m", "sparseft.bench.worker", str(recipe_path), entry, "--steps", str(steps),
-           "--warmup", str(warmup)] + [f"--set={s}" for s in sets]
+           "--warmup", str(warmup), "--device", device] + [f"--set={s}" for s in sets]
     if console:
         console.print(f"[dim]bench: {entry} …[/]", highlight=False)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -54,7 +55,7 @@ def lora_rank_matching(recipe: Recipe, trainable: int, roles: list[str]) -> int:
 
 
 def run_bench(recipe: Recipe, recipe_path: Path, entries: list[str], steps: int, warmup: int, out_dir: Path,
-              console: Console) -> dict:
+              console: Console, device: str = "auto") -> dict:
     if recipe.method.name != "s2ft" and ("s2ft" in entries or "serve" in entries):
         raise UserError(f"method.name={recipe.method.name!r}: bench needs an s2ft recipe for the s2ft and serve "
                         "entries (it compares the other methods against it)")
@@ -69,7 +70,7 @@ def run_bench(recipe: Recipe, recipe_path: Path, entries: list[str], steps: int,
             rank = lora_rank_matching(recipe, target, roles) if target else 16
             modules = [spec_family_module(recipe, r) for r in roles]  # LoRA (PEFT) targets modules by name
             sets = [f"r={rank}", f"alpha={2 * rank}", "target_modules=" + json.dumps(modules)]
-        results[entry] = run_entry(recipe_path, entry, steps, warmup, sets, console)
+        results[entry] = run_entry(recipe_path, entry, steps, warmup, sets, console, device)
     report = _ratios(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps({"recipe": str(recipe_path), "steps": steps, "warmup": warmup,
@@ -90,20 +91,23 @@ def _ratios(results: dict[str, dict]) -> dict[str, float]:
         if other in results:
             o = results[other]
             out[f"s2ft_time_over_{other}"] = s["median_step_s"] / o["median_step_s"]
-            out[f"s2ft_memory_over_{other}"] = s["peak_rss_mb"] / o["peak_rss_mb"]
+            out[f"s2ft_memory_over_{other}"] = s["peak_mem_mb"] / o["peak_mem_mb"]
     return out
 
 
 def _print(results: dict[str, dict], ratios: dict[str, float], console: Console) -> None:
     full = results.get("full")
-    table = Table("method", "trainable", "median step (s)", "peak RSS (GB)", "time / full", "memory / full")
+    trained = [r for n, r in results.items() if n != "serve"]
+    kind = trained[0]["memory"] if trained else "RSS"
+    table = Table("method", "trainable", "median step (s)", "tokens/s", f"peak {kind} (GB)", "time / full",
+                  "memory / full")
     for name, r in results.items():
         if name == "serve":
             continue
         rel_t = f"{r['median_step_s'] / full['median_step_s']:.2f}x" if full else "-"
-        rel_m = f"{r['peak_rss_mb'] / full['peak_rss_mb']:.2f}x" if full else "-"
-        table.add_row(name, f"{r['trainable_params']:,}", f"{r['median_step_s']:.3f}", f"{r['peak_rss_mb'] / 1024:.2f}",
-                      rel_t, rel_m)
+        rel_m = f"{r['peak_mem_mb'] / full['peak_mem_mb']:.2f}x" if full else "-"
+        table.add_row(name, f"{r['trainable_params']:,}", f"{r['median_step_s']:.3f}", f"{r['tokens_per_s']:,.0f}",
+                      f"{r['peak_mem_mb'] / 1024:.2f}", rel_t, rel_m)
     console.print(table)
     if ratios:
         console.print("  ".join(f"{k} {v:.2f}" for k, v in ratios.items()), highlight=False)
@@ -124,8 +128,9 @@ def _plot(results: dict[str, dict], out: Path, title: str) -> None:
     if not names:
         return
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.4), dpi=120)
+    kind = results[names[0]]["memory"]
     for ax, key, label, scale in ((axes[0], "median_step_s", "median step time (s)", 1),
-                                  (axes[1], "peak_rss_mb", "peak memory (GB RSS)", 1 / 1024)):
+                                  (axes[1], "peak_mem_mb", f"peak memory (GB {kind})", 1 / 1024)):
         values = [results[n][key] * scale for n in names]
         bars = ax.bar(names, values, color=["#d62728" if n == "s2ft" else "#7f7f7f" for n in names])
         ax.bar_label(bars, fmt="%.2f", fontsize=8)

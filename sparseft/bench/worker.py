@@ -26,17 +26,27 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def _reset_peak() -> None:
-    """Start the peak-RSS high-water mark afresh (Linux), so loading the model does not count as a step's memory."""
+def _reset_peak(device: torch.device) -> None:
+    """Start the peak-memory high-water mark afresh (device memory on a GPU, else RSS on Linux), so loading the model
+    does not count as a step's memory."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
 
 
-def _batch(recipe, vocab: int) -> dict[str, torch.Tensor]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: a step ends when the GPU is done
+
+
+def _batch(recipe, vocab: int, device: torch.device) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (recipe.train.micro_batch_size, recipe.data.max_length), generator=g)
+    ids = torch.randint(0, vocab, (recipe.train.micro_batch_size, recipe.data.max_length), generator=g).to(device)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
@@ -54,46 +64,59 @@ def _method_for(recipe, entry: str, overrides: dict):
     return recipe, build_method(recipe.method)
 
 
-def train_steps(recipe_path: str, entry: str, steps: int, warmup: int, method_overrides: dict) -> dict:
+def train_steps(recipe_path: str, entry: str, steps: int, warmup: int, method_overrides: dict,
+                device: str = "auto") -> dict:
     from sparseft.methods import MethodContext
     from sparseft.models import arch_of, load_model
     from sparseft.recipe import load_recipe
     from sparseft.train.optim import Engine
+    from sparseft.train.precision import keep_masters, peak_memory_mb, resolve_device, resolve_precision
 
     recipe, method = _method_for(load_recipe(recipe_path), entry, method_overrides)
+    where = resolve_device(device, key="--device")
+    precision = resolve_precision(recipe.train.precision, recipe.model.dtype)
     torch.manual_seed(recipe.train.seed)
-    model = load_model(recipe.model.path, recipe.model.dtype)
-    batch = _batch(recipe, model.config.vocab_size)
-    ctx = MethodContext(recipe=recipe, calibration_batches=lambda n: iter([batch] * n), log=lambda s: None)
+    model = load_model(recipe.model.path, recipe.model.dtype, attn_implementation=recipe.model.attn_implementation,
+                       device=where)
+    batch = _batch(recipe, model.config.vocab_size, where)
+    ctx = MethodContext(recipe=recipe, calibration_batches=lambda n: iter([batch] * n), log=lambda s: None,
+                        device=where, master_dtype=precision.master_dtype)
     model = method.prepare(model, method.select(model, ctx), ctx)
     if entry == "floor":
         model.requires_grad_(False)
         tiny = arch_of(model).blocks(model)[0].input_layernorm.weight
         tiny.requires_grad_(True)
+    keep_masters(method.master_parameters(model) if entry != "floor" else {}, precision)
     model.train()
     groups = method.optimizer_param_groups(model, recipe.train.weight_decay)
-    engine = Engine(model, groups, recipe.train)
+    engine = Engine(model, groups, recipe.train, precision)
     trainable = sum(p.numel() for g in groups for p in g["params"])
     rss_before = _rss_mb("VmRSS")
-    _reset_peak()
+    _reset_peak(where)
     times = []
     for i in range(warmup + steps):
+        _sync(where)
         tick = time.perf_counter()
         method.on_step_start(i, model, engine.optimizer)
-        loss, _ = method.compute_loss(model, batch)
-        engine.backward(loss)
+        loss, _ = engine.loss(method.compute_loss, batch)
+        engine.backward(loss, batch)
         engine.step()
         method.on_step_end(i, model, engine.optimizer)
+        _sync(where)
         if i >= warmup:
             times.append(time.perf_counter() - tick)
+    median = statistics.median(times)
     return {
         "entry": entry, "method": method.name if entry != "floor" else "floor", "trainable_params": trainable,
-        "step_s": times, "median_step_s": statistics.median(times), "loss": float(loss.detach()),
+        "step_s": times, "median_step_s": median, "loss": float(loss.detach()),
+        "tokens_per_s": int(batch["attention_mask"].sum()) / median, "device": str(where),
+        "precision": precision.name, "peak_mem_mb": peak_memory_mb(where),
+        "memory": "GPU allocated" if where.type == "cuda" else "RSS",
         "peak_rss_mb": _rss_mb("VmHWM"), "rss_before_steps_mb": rss_before, "threads": torch.get_num_threads(),
     }
 
 
-def serve(recipe_path: str, n_adapters: int, repeats: int) -> dict:
+def serve(recipe_path: str, n_adapters: int, repeats: int, device: str = "auto") -> dict:
     """Adapter switch time (fuse + unfuse) and one forward of a batch mixing n adapters vs one fused adapter."""
     from sparseft.export.sparse_adapters import SparseAdapter, SparseDelta, fuse, mixed_adapters, unfuse
     from sparseft.methods.s2ft.permute import expand
@@ -102,9 +125,12 @@ def serve(recipe_path: str, n_adapters: int, repeats: int) -> dict:
     from sparseft.models.arch import ATTN_ROLES, COL_ROLES
     from sparseft.recipe import load_recipe
 
+    from sparseft.train.precision import resolve_device
+
     recipe = load_recipe(recipe_path)
     cfg = recipe.method
-    model = load_model(recipe.model.path, recipe.model.dtype).eval()
+    where = resolve_device(device, key="--device")
+    model = load_model(recipe.model.path, recipe.model.dtype, device=where).eval()
     spec = arch_of(model)
     adapters = []
     for i in range(n_adapters):  # n adapters with different random selections and random deltas
@@ -122,14 +148,16 @@ def serve(recipe_path: str, n_adapters: int, repeats: int) -> dict:
                     "cols" if role in COL_ROLES else "rows", idx, 1e-3 * torch.randn(shape, dtype=w.dtype))
         adapters.append(SparseAdapter(f"random-{i}", {"method": "s2ft"}, modules))
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (n_adapters, recipe.data.max_length), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (n_adapters, recipe.data.max_length), generator=g).to(where)
 
     def timed(fn) -> float:
         fn()  # warm-up
         out = []
         for _ in range(repeats):
+            _sync(where)
             tick = time.perf_counter()
             fn()
+            _sync(where)
             out.append(time.perf_counter() - tick)
         return statistics.median(out)
 
@@ -161,6 +189,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="method key=value (numbers parsed as JSON)")
     ap.add_argument("--adapters", type=int, default=8)
+    ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     from sparseft.models.loader import quiet_libraries
 
@@ -173,9 +202,9 @@ def main() -> None:
         except json.JSONDecodeError:
             overrides[key] = value
     if args.entry == "serve":
-        result = serve(args.recipe, args.adapters, repeats=max(args.steps, 3))
+        result = serve(args.recipe, args.adapters, repeats=max(args.steps, 3), device=args.device)
     else:
-        result = train_steps(args.recipe, args.entry, args.steps, args.warmup, overrides)
+        result = train_steps(args.recipe, args.entry, args.steps, args.warmup, overrides, args.device)
     print("BENCH " + json.dumps(result), flush=True)
 
 

@@ -40,7 +40,8 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded LongTensors (B, T): input_ids, attention_mask, labels (-100 on padding)."""
+    """Right-padded LongTensors (B, T): input_ids, attention_mask, labels (-100 on padding); and position_ids for packed
+    rows, where the padding counts from 0 as one more sequence of its own (it attends to no example)."""
     width = max(len(ex.input_ids) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
@@ -50,7 +51,15 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
         input_ids[row, :n] = torch.tensor(ex.input_ids, dtype=torch.long)
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.tensor(ex.labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if any(ex.position_ids is not None for ex in examples):
+        positions = torch.arange(width, dtype=torch.long).repeat(len(examples), 1)
+        for row, ex in enumerate(examples):
+            n = len(ex.input_ids)
+            positions[row, :n] = torch.tensor(ex.position_ids or range(n), dtype=torch.long)
+            positions[row, n:] = torch.arange(width - n)
+        batch["position_ids"] = positions
+    return batch
 
 
 def micro_batches(examples: Sequence[Example], micro_batch_size: int, seed: int, start_k: int = 0,

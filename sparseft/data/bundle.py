@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 from sparseft.data.example import Example
 from sparseft.data.files import read_numbered_rows
 from sparseft.data.forms import check_form, encode_example
+from sparseft.data.hub import describe, read_source_rows
+from sparseft.data.packing import PackStats, pack_examples, require_packed_attention
 from sparseft.errors import UserError
 
 if TYPE_CHECKING:
@@ -45,10 +47,11 @@ class DataBundle:
     validation: list[Example] | None
     stats: DataStats
     validation_stats: DataStats | None = None
+    packing: PackStats | None = None  # when data.packing: `train` holds packed rows
 
     def summary(self) -> str:
-        """One line a split."""
-        return "\n".join(s.summary() for s in (self.stats, self.validation_stats) if s is not None)
+        """One line a split (and one for packing)."""
+        return "\n".join(s.summary() for s in (self.stats, self.validation_stats, self.packing) if s is not None)
 
 
 def encode_rows(rows: list[tuple[int, dict]], form: str, tokenizer: Any, max_length: int, where: str,
@@ -88,26 +91,32 @@ def split_rows(rows: list, val_fraction: float, seed: int, where: str = "data.tr
 def build_datasets(data_cfg: DataSection, tokenizer: Any, seed: int) -> DataBundle:
     """Read, split and encode the recipe's data; every problem is a UserError naming the key, file and row."""
     if data_cfg.validation is not None and data_cfg.val_fraction > 0:
-        raise UserError(f"data.validation.path={data_cfg.validation.path} and data.val_fraction={data_cfg.val_fraction}"
-                        " are both set: use one (a separate file, or a fraction of the train rows held out)")
+        raise UserError(f"{describe(data_cfg.validation, 'data.validation')} and data.val_fraction="
+                        f"{data_cfg.val_fraction} are both set: use one (a separate file, or a fraction of the train "
+                        "rows held out)")
     check_form(data_cfg.format, data_cfg.fields, data_cfg.prompt_template, tokenizer)
     opts = dict(form=data_cfg.format, tokenizer=tokenizer, max_length=data_cfg.max_length, fields=data_cfg.fields,
                 prompt_template=data_cfg.prompt_template)
 
-    train_where = f"data.train.path={data_cfg.train.path}"
-    train_rows = read_numbered_rows(data_cfg.train.path, "data.train.path")
+    if data_cfg.packing:
+        require_packed_attention()
+    train_where = describe(data_cfg.train, "data.train")
+    train_rows = read_source_rows(data_cfg.train, "data.train")
     val_rows, val_where = None, train_where
     if data_cfg.val_fraction > 0:
         train_rows, val_rows = split_rows(train_rows, data_cfg.val_fraction, seed, train_where)
     elif data_cfg.validation is not None:
-        val_rows = read_numbered_rows(data_cfg.validation.path, "data.validation.path")
-        val_where = f"data.validation.path={data_cfg.validation.path}"
+        val_rows = read_source_rows(data_cfg.validation, "data.validation")
+        val_where = describe(data_cfg.validation, "data.validation")
 
     train, stats = encode_rows(train_rows, where=train_where, name="train", **opts)
+    packed = None
+    if data_cfg.packing:  # validation stays one example a row: its loss is per example either way
+        train, packed = pack_examples(train, data_cfg.max_length)
     validation, val_stats = None, None
     if val_rows is not None:
         validation, val_stats = encode_rows(val_rows, where=val_where, name="validation", **opts)
-    return DataBundle(train, validation, stats, val_stats)
+    return DataBundle(train, validation, stats, val_stats, packed)
 
 
 def load_examples(path: str | Path, form: str, tokenizer: Any, max_length: int, fields: dict[str, str] | None = None,

@@ -12,11 +12,13 @@ IGNORE = -100  # label of positions left out of the loss (torch's cross_entropy 
 
 @dataclass
 class Example:
-    """One tokenised example; `labels` is `input_ids` with prompt positions set to -100."""
+    """One tokenised example; `labels` is `input_ids` with prompt positions set to -100. A packed row of several
+    examples (sparseft/data/packing.py) also has `position_ids`, restarting at 0 at each example."""
 
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    position_ids: list[int] | None = None
 
     @property
     def n_loss_tokens(self) -> int:

@@ -89,7 +89,7 @@ def _read_json(p: Path, where: str) -> list[tuple[int, Any]]:
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
     """Silence datasets' progress bars and logs for one read (we report its errors ourselves), then restore them."""
     import datasets
     from datasets.utils import logging as ds_logging
@@ -121,7 +121,7 @@ def _read_with_datasets(p: Path, suffix: str, where: str) -> list[dict]:
             return []
         kwargs = dict(features=datasets.Features({c: datasets.Value("string") for c in header}), keep_default_na=False)
     # A throwaway cache: nothing lands in the repo or ~/.cache, and an edited file is never served from a stale cache.
-    with _quiet_datasets(), tempfile.TemporaryDirectory(prefix="sparseft-data-") as cache:
+    with quiet_datasets(), tempfile.TemporaryDirectory(prefix="sparseft-data-") as cache:
         try:
             ds = datasets.load_dataset(suffix[1:], data_files=str(p.resolve()), split="train", cache_dir=cache,
                                        **kwargs)

@@ -66,6 +66,8 @@ def eval_step(recipe, model: Any, tokenizer: Any, step: int, reporter) -> list[E
         from sparseft.eval.report import results_table
 
         path = Path(recipe.train.output_dir) / EVAL_FILE
-        path.write_text(json.dumps({"step": step, **results_payload(results)}, indent=2) + "\n")
+        payload = {"step": step, **results_payload(results)}
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        reporter.results(payload)
         reporter.console.print(results_table(results, title=f"eval after step {step} ({path})"))
     return results

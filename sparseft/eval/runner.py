@@ -89,7 +89,7 @@ def _variants(loaded: LoadedModel, adapters: Sequence[str], bare: bool) -> Itera
 
 def evaluate(model_path: str, tasks: Sequence[Task], adapters: Sequence[str] = (), baselines: Sequence[str] = (),
              harness_tasks: Sequence[str] = (), dtype: str = "float32", samples: list | None = None,
-             log=lambda s: None) -> list[EvalResult]:
+             log=lambda s: None, device: str = "auto") -> list[EvalResult]:
     """Every task for each baseline (alone), then for MODEL alone or with each adapter. A baseline that is MODEL
     itself shares its load. `samples`, if given, receives per-row records of generation and choice tasks."""
     if not tasks and not harness_tasks:
@@ -105,7 +105,7 @@ def evaluate(model_path: str, tasks: Sequence[Task], adapters: Sequence[str] = (
     plan: list[tuple[str, bool]] = [(b, True) for b in baselines if b != model_path] + [(model_path, False)]
     results: list[EvalResult] = []
     for path, is_baseline in plan:
-        loaded = load_for_inference(path, dtype)
+        loaded = load_for_inference(path, dtype, device=device)
         inputs = {t.name: task_inputs(t, loaded.tokenizer, loaded.form) for t in tasks}
         bare = is_baseline or not adapters or model_path in baselines
         for adapter, model in _variants(loaded, [] if is_baseline else list(adapters), bare):

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from sparseft.errors import UserError
 from sparseft.export.adapter_files import WEIGHTS_NAME, read_adapter
+from sparseft.kernels.partial_linear import plus_delta
 
 KINDS = ("rows", "cols")
 
@@ -115,13 +116,13 @@ def _weight(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def _add(weight: torch.Tensor, d: SparseDelta) -> None:
-    """weight[rows] += delta (or weight[:, cols] += delta): one rounding, the same arithmetic as a merge."""
+    """weight[rows] += delta (or weight[:, cols] += delta), summed in fp32 and rounded once to the weight's dtype: the
+    same arithmetic as a merge (`plus_delta`)."""
     idx = d.indices.to(weight.device)
-    delta = d.delta.to(weight.device, weight.dtype)
     if d.kind == "rows":
-        weight[idx] = weight[idx] + delta
+        weight[idx] = plus_delta(weight[idx], d.delta).to(weight.dtype)
     else:
-        weight[:, idx] = weight[:, idx] + delta
+        weight[:, idx] = plus_delta(weight[:, idx], d.delta).to(weight.dtype)
 
 
 @dataclass

@@ -7,6 +7,7 @@ from typing import Any
 
 from sparseft.export.run import is_run_dir, load_run
 from sparseft.models import load_model, load_tokenizer
+from sparseft.train.precision import resolve_device
 
 
 @dataclass
@@ -18,13 +19,15 @@ class LoadedModel:
     is_run: bool
 
 
-def load_for_inference(path: str, dtype: str = "float32", key: str = "MODEL") -> LoadedModel:
-    """The model in eval mode with its tokenizer. A run directory gives its trained model (base + trained weights)."""
+def load_for_inference(path: str, dtype: str = "float32", key: str = "MODEL", device: str = "auto") -> LoadedModel:
+    """The model in eval mode with its tokenizer, on `device` (auto, cpu, cuda, cuda:N). A run directory gives its
+    trained model (base + trained weights)."""
     if is_run_dir(path):
-        trained = load_run(path)
+        trained = load_run(path, device=device)
         loaded = LoadedModel(path, trained.model, trained.tokenizer, trained.recipe.data.format, True)
     else:
         tokenizer = load_tokenizer(path, key=key)
-        loaded = LoadedModel(path, load_model(path, dtype, key=key), tokenizer, "text", False)
+        where = resolve_device(device, key="--device")
+        loaded = LoadedModel(path, load_model(path, dtype, key=key, device=where), tokenizer, "text", False)
     loaded.model.eval()
     return loaded

@@ -94,7 +94,7 @@ def _ids(tokenizer: Any, req: Request, chat: bool) -> list[int]:
 
 def run_generation(model_path: str, requests: Sequence[Request], adapters: Sequence[str] = (),
                    sampling: Sampling = Sampling(), chat: bool = False, batch_size: int = 8,
-                   dtype: str = "float32") -> list[dict]:
+                   dtype: str = "float32", device: str = "auto") -> list[dict]:
     """One output record a (prompt, adapter) pair, in input order: the row, "adapter", "completion", "stop_reason",
     "new_tokens"."""
     if not requests:
@@ -104,7 +104,7 @@ def run_generation(model_path: str, requests: Sequence[Request], adapters: Seque
     from sparseft.export.apply import adapter_method
 
     methods = [adapter_method(a) for a in adapters]  # a missing or malformed adapter fails before the model loads
-    loaded = load_for_inference(model_path, dtype)
+    loaded = load_for_inference(model_path, dtype, device=device)
     if adapters and loaded.is_run:
         raise UserError(f"MODEL {model_path} is a run directory; adapters apply to a base model")
     model, tok = loaded.model, loaded.tokenizer

@@ -34,6 +34,28 @@ def leading_slice(weight: torch.Tensor, kind: str, k: int) -> torch.Tensor:
     raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
 
 
+@torch.no_grad()
+def exact_delta(trained: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """trained - base, such that `plus_delta(base, delta)` gives `trained` back bit for bit.
+
+    In fp32 as a rule (fp32 or bf16 masters over fp32, bf16 or fp16 weights). fp32 subtraction is exact when the two are
+    within a factor of two of each other (Sterbenz), which small updates almost always are; where it is not exact for
+    some element (a weight near zero that changed sign, say), the whole delta is float64, in which the difference of
+    two fp32 numbers is exact. So an exported delta never moves a merged weight by a rounding step.
+    """
+    delta = trained.float() - base.float()
+    if not torch.equal(plus_delta(base, delta), trained.float()):
+        delta = trained.double() - base.double()
+    return delta
+
+
+def plus_delta(base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """base + delta, computed in fp32 (float64 for a float64 delta) before any rounding; the caller casts the result
+    to the weight's storage dtype once."""
+    dtype = torch.promote_types(delta.dtype, torch.float32)
+    return base.to(dtype) + delta.to(base.device, dtype)
+
+
 def _slice_size(weight: torch.Tensor, trainable: torch.Tensor, kind: str) -> int:
     """k, after checking that `trainable` is a leading slice of `weight` for this kind."""
     d_out, d_in = weight.shape

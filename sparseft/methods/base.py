@@ -36,6 +36,11 @@ class MethodContext:
     calibration_batches: Callable[[int], Iterator[dict[str, torch.Tensor]]] | None = None
     run_dir: Path | None = None
     log: Callable[[str], None] = field(default=print)
+    # Where the run computes (the model is there already; whatever a method creates goes there too), and the dtype
+    # the trainable weights live in under mixed precision (None: as the model stores them; see
+    # sparseft/train/precision.py).
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    master_dtype: torch.dtype | None = None
 
 
 class Method:
@@ -68,6 +73,12 @@ class Method:
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def master_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """The trainable weights kept in fp32 for the whole run under mixed precision (the trainer casts them once,
+        before the optimizer sees them). Default: every trainable weight. A method that keeps masters only for part of
+        the model at a time (HiFT) returns none and manages its own from `MethodContext.master_dtype`."""
+        return self.trainable_parameters(model)
 
     def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         """Parameter groups for the optimizer: weight decay on matrices, none on biases and norms."""

@@ -59,6 +59,9 @@ class HiFTConfig(MethodConfig):
                                             "(a no-op when training on CPU).")
 
 
+_MASTER = "_master"  # key of a parked fp32 master beside the parked optimizer state of a weight
+
+
 def build_units(model: nn.Module) -> list[dict]:
     """[{name, params}] from bottom to top; every parameter (tied ones once) in exactly one unit."""
     spec = arch_of(model)
@@ -102,6 +105,12 @@ class HiFT(Method):
         self._parked: dict[str, dict] = {}  # name -> optimizer state of a parameter whose group is inactive
         self._active: int | None = None
         self._next_step = 0
+        # Mixed precision: only the active group holds fp32 masters (see _swap_state).
+        self._master_dtype: torch.dtype | None = None
+        self._storage_dtype: torch.dtype | None = None
+        self._device = torch.device("cpu")
+        self._ready: dict[str, dict] = {}  # name -> parked state already on its way to the device (prefetched)
+        self._copy_stream = None
 
     # --- before training -------------------------------------------------------------------------------------------
     def select(self, model: nn.Module, ctx: MethodContext) -> dict:
@@ -124,6 +133,8 @@ class HiFT(Method):
         self._name_of = {id(p): n for n, p in params.items()}
         self._seed = int(selection["seed"])
         self._max_steps = ctx.recipe.train.max_steps if ctx.recipe is not None else None
+        self._master_dtype, self._device = ctx.master_dtype, torch.device(ctx.device)
+        self._storage_dtype = next(iter(params.values())).dtype
         sizes = [sum(p.numel() for _, p in g) for g in self._groups]
         layout = ", ".join("+".join(units[u]["name"] for u in g) for g in selection["groups"])
         ctx.log(f"hift: {len(units)} units in {len(self._groups)} groups ({layout}); order {self.cfg.order}; "
@@ -133,6 +144,11 @@ class HiFT(Method):
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Every weight trains (one group a step), so all of them are the optimizer's and every checkpoint's."""
         return dict(model.named_parameters())
+
+    def master_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """None for the whole run: under mixed precision only the active group holds fp32 masters (`_swap_state`),
+        so the model stays in its storage dtype but for one group."""
+        return {}
 
     def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         """Each group's weights as their own param groups (decayed matrices, undecayed biases and norms), tagged with
@@ -187,15 +203,22 @@ class HiFT(Method):
                 pg["active"] = pg["hift_group"] == g
         self._swap_state(optimizer, g)
         self._active = g
+        if self.num_groups > 1:
+            self._prefetch(self.group_at(step + 1))
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         self._next_step = step + 1
         return {"group": self._active}
 
     def _swap_state(self, optimizer: torch.optim.Optimizer, g: int) -> None:
-        """Park the optimizer state of every inactive parameter, then hand the active group's parked state back
-        (parking first, so the compute device never holds both). Only state the optimizer keeps per model weight is
-        parked: under ZeRO it lives in flat partitions, partitioned across ranks already."""
+        """Park the optimizer state (and under mixed precision the fp32 master) of every inactive parameter, then hand
+        the active group's back (parking first, so the compute device never holds both). Only state the optimizer
+        keeps per model weight is parked: under ZeRO it lives in flat partitions, partitioned across ranks already.
+
+        Mixed precision keeps fp32 masters for the active group alone: a group's weights become fp32 when its turn
+        comes (its parked master, or its stored weights upcast the first time) and go back to the storage dtype,
+        rounded once, when its turn ends, while the master waits with the optimizer state. So the model costs its
+        storage dtype plus one group's masters, and no update is lost to rounding between turns."""
         active = {id(p) for _, p in self._groups[g]}
         if self._parked and not any(id(p) in self._name_of for pg in optimizer.param_groups for p in pg["params"]):
             raise UserError("hift: this checkpoint was written by a single process (or at ZeRO stage 0), which keeps "
@@ -204,34 +227,89 @@ class HiFT(Method):
         for p in [p for p in optimizer.state if id(p) not in active and id(p) in self._name_of]:
             state = optimizer.state.pop(p)
             if state:
-                self._parked[self._name_of[id(p)]] = {k: self._move(k, v, self._park_tensor, p)
-                                                      for k, v in state.items()}
+                self._parked.setdefault(self._name_of[id(p)], {}).update(
+                    {k: self._move(k, v, self._park_tensor) for k, v in state.items()})
+        if self._master_dtype is not None:
+            for i, group in enumerate(self._groups):
+                for name, p in group if i != g else ():
+                    if p.dtype != self._storage_dtype:  # a master from its group's last turn
+                        self._parked.setdefault(name, {})[_MASTER] = self._park_tensor(p.data)
+                        p.data = p.data.to(self._storage_dtype)
         for name, p in self._groups[g]:
-            if name in self._parked:
-                state = self._parked.pop(name)
-                optimizer.state[p] = {k: self._move(k, v, self._fetch_tensor, p) for k, v in state.items()}
+            state = self._take_parked(name)
+            master = state.pop(_MASTER, None)
+            if master is not None:
+                p.data = master
+            elif self._master_dtype is not None and p.dtype != self._master_dtype:
+                p.data = p.data.to(self._master_dtype)
+            if state:
+                optimizer.state[p] = state
 
     @staticmethod
-    def _move(key: str, value, fn, param: nn.Parameter):
+    def _move(key: str, value, fn):
         # `step` stays where the optimizer keeps it (a CPU scalar, unless the optimizer is fused or capturable).
-        return fn(value, param) if isinstance(value, torch.Tensor) and key != "step" else value
+        return fn(value) if isinstance(value, torch.Tensor) and key != "step" else value
 
-    def _park_tensor(self, t: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-        """Where an inactive group's state waits: CPU memory (no copy when it is there already)."""
-        return t.to("cpu") if self.cfg.offload else t
+    @property
+    def _offloading(self) -> bool:
+        return self.cfg.offload and self._device.type == "cuda"
 
-    def _fetch_tensor(self, t: torch.Tensor, param: nn.Parameter) -> torch.Tensor:
-        return t.to(param.device)
+    def _park_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Where an inactive group's state waits with `offload`: CPU memory, pinned and copied without blocking from a
+        GPU (on a CPU-only run the move is free: `.to("cpu")` copies nothing). Without `offload` it stays put."""
+        if not self.cfg.offload:
+            return t
+        if t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)  # ordered on the compute stream, before anything reuses t's memory
+            return host
+        return t.to("cpu")
+
+    def _take_parked(self, name: str) -> dict:
+        """The parked state of `name` on the compute device (prefetched when it could be), out of the parking."""
+        state = self._parked.pop(name, None) or {}
+        ready = self._ready.pop(name, None)
+        if ready is not None:
+            current = torch.cuda.current_stream(self._device)
+            current.wait_stream(self._copy_stream)
+            for v in ready.values():
+                if isinstance(v, torch.Tensor) and v.device.type == "cuda":
+                    v.record_stream(current)  # allocated on the copy stream, used on the compute stream
+            return ready
+        return {k: self._move(k, v, self._fetch_tensor) for k, v in state.items()}
+
+    def _fetch_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self._device)
+
+    def _prefetch(self, g: int) -> None:
+        """Start copying group g's parked state to the GPU on a side stream, so it arrives while this step computes."""
+        if not self._offloading:
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self._device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self._device))  # the parking copies come first
+        with torch.cuda.stream(self._copy_stream):
+            for name, _ in self._groups[g]:
+                if name in self._parked and name not in self._ready:
+                    self._ready[name] = {k: self._move(k, v, lambda t: t.to(self._device, non_blocking=True))
+                                         for k, v in self._parked[name].items()}
 
     def state_dict(self) -> dict:
         """The cycle position and its order, and the parked optimizer state of the inactive groups (the active
         group's is in the optimizer's own state). Once the last step is done the parked state is left out: nothing
         resumes from the final state, and it would copy the whole optimizer state into it."""
+        if self._offloading:
+            torch.cuda.synchronize(self._device)  # the parking copies to pinned memory have landed
         cycle, position = divmod(self._next_step, max(1, self.num_groups))
         state = {"next_step": self._next_step, "cycle": cycle, "position": position,
                  "order": list(self.cycle_order(cycle)) if self._groups else []}
         if self._max_steps is None or self._next_step < self._max_steps:
             state["optimizer_state"] = self._parked
+            # The active group's fp32 masters: the checkpoint's weights file holds them too, but it loads into the
+            # model as stored (one rounding), before this group's turn makes it fp32 again.
+            if self._master_dtype is not None and self._active is not None:
+                state["masters"] = {n: p.detach().to("cpu", copy=True) for n, p in self._groups[self._active]
+                                    if p.dtype != self._storage_dtype}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -239,3 +317,6 @@ class HiFT(Method):
         if state["order"]:
             self._orders[int(state["cycle"])] = [int(i) for i in state["order"]]
         self._parked = dict(state.get("optimizer_state", {}))
+        params = {n: p for group in self._groups for n, p in group}
+        for name, master in state.get("masters", {}).items():
+            params[name].data = master.to(params[name].device)

@@ -10,7 +10,7 @@ import torch
 
 from sparseft.errors import UserError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def quiet_libraries() -> None:
@@ -75,13 +75,36 @@ def model_skeleton(path: str, trust_remote_code: bool = False, key: str = "model
             from None
 
 
-def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.path"):
-    """A causal LM in train mode-ready form (dropout settings from its config), on CPU, in `dtype`."""
+def check_attention(attn_implementation: str | None, device: torch.device | str | None = None,
+                    key: str = "model.attn_implementation") -> None:
+    """flash_attention_2 needs a CUDA device and the flash-attn package; a UserError naming the key otherwise."""
+    if attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    if device is not None and torch.device(device).type != "cuda":
+        raise UserError(f"{key}=flash_attention_2: needs a CUDA device, and this run uses {device}; use sdpa or eager")
+    if not torch.cuda.is_available():
+        raise UserError(f"{key}=flash_attention_2: needs CUDA, which this machine does not have; use sdpa or eager")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError(f"{key}=flash_attention_2: the flash-attn package is not installed (pip install flash-attn); "
+                        "or use sdpa")
+
+
+def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, key: str = "model.path",
+               attn_implementation: str | None = None, device: torch.device | str | None = None):
+    """A causal LM in `dtype`, on `device` (the CPU when None), with transformers' attention kernel
+    `attn_implementation` (None: transformers picks)."""
     from transformers import AutoModelForCausalLM
 
     _check_source(path, key)
+    check_attention(attn_implementation, device)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
+                                                     **extra)
     except (OSError, ValueError) as e:
         raise UserError(f"{key}={path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    if device is not None and torch.device(device).type != "cpu":
+        model.to(device)
     return model

@@ -86,13 +86,19 @@ def load_trainable(model: nn.Module, path: Path) -> None:
 
 
 def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()  # one ByteTensor a visible GPU (dropout on the GPU draws here)
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        for i, gen in enumerate(list(state["cuda"])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gen, i)
 
 
 def save_state(out: Path, tensors: dict[str, torch.Tensor], meta: dict, method_state: dict,

@@ -30,6 +30,7 @@ from sparseft.errors import UserError
 from sparseft.files import read_json_object
 from sparseft.recipe import Recipe
 from sparseft.train.optim import build_optimizer, lr_factor
+from sparseft.train.precision import precision_name
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"  # the bundled DeepSpeed configs
 
@@ -194,20 +195,24 @@ def resolve_ds_config(recipe: Recipe, world_size: int | None = None) -> dict:
     for key in ("fp16", "bf16", "zero_optimization"):
         if key in config and not isinstance(config[key], dict):
             problems.append(f"{key}={config[key]!r}: must be a mapping")
+    precision = precision_name(recipe.train.precision, recipe.model.dtype)
     if _enabled(config, "fp16"):
-        problems.append("fp16.enabled=true: not supported; train in bf16 with model.dtype: bfloat16")
-    bf16 = recipe.model.dtype == "bfloat16"
+        problems.append("fp16.enabled=true: not supported; train in bf16 (train.precision: bf16-mixed)")
+    if precision == "fp16-mixed":
+        problems.append("train.precision=fp16-mixed: not supported on several ranks; use bf16-mixed")
+    # DeepSpeed's bf16 path keeps fp32 master partitions of the trained weights: bf16-mixed and bf16-true map onto it.
+    bf16 = precision in ("bf16-mixed", "bf16-true")
     if isinstance(config.get("bf16"), dict) and config["bf16"].get("enabled", bf16) not in ("auto", bf16):
-        problems.append(f"bf16.enabled={config['bf16']['enabled']!r}: differs from model.dtype={recipe.model.dtype} "
-                        "(bf16 follows model.dtype)")
+        problems.append(f"bf16.enabled={config['bf16']['enabled']!r}: differs from train.precision={precision} "
+                        "(bf16 follows train.precision)")
     stage = zero_stage(config)
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_optimization.stage={stage!r}: must be 0, 1, 2 or 3")
     elif stage == 0 and bf16:
         # DeepSpeed's bf16 data parallelism wraps the optimizer in flat fp32 masters with no per-parameter mapping,
         # so neither checkpoints nor methods could reach a parameter's state.
-        problems.append("zero_optimization.stage=0: not supported with model.dtype=bfloat16; use stage 1 (the same "
-                        "communication) or float32")
+        problems.append(f"zero_optimization.stage=0: not supported with train.precision={precision}; use stage 1 "
+                        "(the same communication) or fp32")
     if problems:
         problems = [key_prefix + p for p in problems]
         raise UserError(problems[0] if len(problems) == 1 else f"{len(problems)} problems in the DeepSpeed config",

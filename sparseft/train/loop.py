@@ -29,7 +29,9 @@ from sparseft.train.guard import NonFiniteGuard
 from sparseft.train.resume import batch_meta, resume_batch, same_recipe
 from sparseft.train.signals import StopSignals, signal_name
 from sparseft.train.optim import Engine
+from sparseft.train.precision import describe, keep_masters, peak_memory_mb, resolve_device, resolve_precision
 from sparseft.train.report import Reporter, plot_loss
+from sparseft.train.trackers import check_trackers, open_trackers
 
 
 @dataclass
@@ -60,13 +62,17 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter_console, stop
            on_exit: contextlib.ExitStack) -> RunResult:
     t = recipe.train
     run = RunDir(Path(t.output_dir))
+    precision = resolve_precision(t.precision, recipe.model.dtype)
     ranks = start_ranks()
+    device = resolve_device("auto" if ranks.launched else t.device)
+    check_trackers(t.report_to)
     seed_everything(t.seed)
 
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path, recipe.model.trust_remote_code,
                                key="model.tokenizer" if recipe.model.tokenizer else "model.path")
     data = build_datasets(recipe.data, tokenizer, seed=t.seed)
-    model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code)
+    model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.trust_remote_code,
+                       attn_implementation=recipe.model.attn_implementation, device=device)
     pad_id = tokenizer.pad_token_id
     # Only once the model and every data row have loaded (so bad input never costs an old run with --overwrite),
     # rank 0 checks and prepares the run directory; the others wait for its answer (or are stopped with it).
@@ -80,13 +86,16 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter_console, stop
 
     n_base = sum(p.numel() for p in model.parameters())
     method = build_method(recipe.method)
-    ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path)
+    # Under DeepSpeed its bf16 path keeps the fp32 masters (and casts the module), so methods keep none of their own.
+    ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path,
+                        device=device, master_dtype=None if ranks.launched else precision.master_dtype)
     meta = read_meta(ckpt) if ckpt else {"step": 0, "examples_seen": 0}
-    reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console) if ranks.is_main \
-        else SilentReporter()
+    reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console,
+                        open_trackers(recipe, run.path, meta["step"])) if ranks.is_main else SilentReporter()
     on_exit.callback(reporter.close)  # also when the run stops early: the progress display ends, metrics are closed
     ctx.log = reporter.info
     reporter.info(data.summary())
+    reporter.info(describe(device, recipe.model.dtype, precision, ranks.launched))
     if ckpt is None:
         # Every rank selects (the same computation and RNG use as one process); rank 0's choice is the one kept.
         selection = ranks.broadcast(method.select(model, ctx))
@@ -103,10 +112,13 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter_console, stop
 
     trainable = method.trainable_parameters(model)
     n_train = sum(p.numel() for p in trainable.values())  # before the engine: ZeRO-3 leaves each rank a partition
+    if ctx.master_dtype is not None:  # before the checkpoint loads, so resumed masters keep every bit
+        keep_masters(method.master_parameters(model), precision)
     if ckpt is not None:
         load_trainable(model, ckpt / TRAINABLE)  # before the engine: DeepSpeed starts its partitions from them
     groups = method.optimizer_param_groups(model, t.weight_decay)
-    engine = DeepSpeedEngine(model, groups, recipe, ranks, method) if ranks.launched else Engine(model, groups, t)
+    engine = DeepSpeedEngine(model, groups, recipe, ranks, method) if ranks.launched \
+        else Engine(model, groups, t, precision)
     guard = NonFiniteGuard(engine, t.on_nonfinite, t.max_skipped_steps, run.latest_checkpoint)
     reporter.info(f"method {method.name}: {n_train:,} trainable parameters; the base model has {n_base:,} "
                   f"({100 * n_train / n_base:.3f}%)" + (f"; {ranks.world} ranks, ZeRO stage {engine.stage}"
@@ -140,13 +152,15 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter_console, stop
         last = stats["loss"]
         record = {"step": done, "loss": stats["loss"], **extra, "lr": stats["lr"], "grad_norm": stats["grad_norm"],
                   "tokens_per_s": stats["tokens"] / max(time.perf_counter() - tick, 1e-9),
-                  "elapsed_s": time.perf_counter() - began, **guard.check(done, stats)}
+                  "peak_mem_mb": peak_memory_mb(device), "elapsed_s": time.perf_counter() - began,
+                  **guard.check(done, stats)}
         reporter.log(record, show=done % t.log_every == 0 or done == t.max_steps)
         guard.raise_failure()
-        if t.eval_every and data.validation and (done % t.eval_every == 0 or done == t.max_steps):
-            val = _validate(engine.model, data.validation, t, pad_id)
-            reporter.log({"step": done, "val_loss": val, "val_perplexity": float(np.exp(val))})
-        eval_step(recipe, model, tokenizer, done, reporter)  # the recipe's eval tasks, when due
+        with precision.autocast(device):  # a mixed model (fp32 masters over stored weights) computes as it trains
+            if t.eval_every and data.validation and (done % t.eval_every == 0 or done == t.max_steps):
+                val = _validate(engine.model, data.validation, t, pad_id)
+                reporter.log({"step": done, "val_loss": val, "val_perplexity": float(np.exp(val))})
+            eval_step(recipe, model, tokenizer, done, reporter)  # the recipe's eval tasks, when due
         due = bool(t.save_every and done % t.save_every == 0)
         signum = stop.agreed(ranks) if done < t.max_steps else 0
         if (due or signum) and done < t.max_steps:
@@ -160,7 +174,8 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter_console, stop
     _save(run.final, engine, trainable, method, _meta(t.max_steps, seen, recipe, ranks), False)
     reporter.close()
     if data.validation is not None and val is None:
-        val = _validate(engine.model, data.validation, t, pad_id)
+        with precision.autocast(device):
+            val = _validate(engine.model, data.validation, t, pad_id)
     result = RunResult(run.path, t.max_steps - start, first, last, val, time.perf_counter() - began)
     if ranks.is_main:
         plot_loss(run.metrics, run.path / "loss.png", f"{method.name} · {Path(recipe.model.path).name}")
@@ -237,8 +252,10 @@ def _restore(ckpt: Path, engine, method) -> int:
     """Optimizer, schedule, method and RNG state of a checkpoint (its weights are already in the model). Nothing is
     unpickled: tensors are safetensors, the rest JSON."""
     engine_state, rng = load_engine_state(ckpt)
-    engine.load_state_dict(engine_state)
+    # The method first: it may put master weights back (HiFT's active group), and the optimizer casts its state to
+    # each parameter's dtype as it loads.
     method.load_state_dict(load_method_state(ckpt))
+    engine.load_state_dict(engine_state)
     set_rng_state(rng)
     return read_meta(ckpt)["step"]
 

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sparseft.data.packing import forward_inputs
+
 IGNORE = -100
 
 
@@ -36,9 +38,9 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_token
     """Mean next-token cross-entropy over the labelled positions of `batch` (labels -100 are ignored)."""
     parts = _parts(model)
     if parts is None:  # an architecture whose head does more than a linear map: use its own loss
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+        return model(**forward_inputs(batch), labels=batch["labels"]).loss
     decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden = decoder(**forward_inputs(batch)).last_hidden_state
     labels = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = labels != IGNORE  # (B, T-1)
     h = hidden[:, :-1][keep]  # (N, d): the labelled positions only

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from sparseft.recipe import TrainSection
+from sparseft.train.precision import Precision
 
 
 def lr_factor(step: int, t: TrainSection) -> float:
@@ -74,7 +75,7 @@ class Engine:
 
     is_main = True
 
-    def __init__(self, model: nn.Module, param_groups: list[dict], t: TrainSection):
+    def __init__(self, model: nn.Module, param_groups: list[dict], t: TrainSection, precision: Precision | None = None):
         self.model = model
         self.t = t
         self.params = [p for g in param_groups for p in g["params"]]
@@ -83,16 +84,21 @@ class Engine:
         self.optimizer = build_optimizer(param_groups, t)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, t))
         self.device = next(model.parameters()).device
+        self.precision = precision or Precision("fp32", None, None)
+        # fp16's narrow range needs the loss scaled up before backward (and the gradients unscaled before clipping);
+        # bf16 has fp32's range, so it needs no scaler.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision.scaled else None
         self._loss, self._tokens = 0.0, 0
 
     def loss(self, compute_loss, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """A method's `compute_loss(model, batch)`: (loss, values to log)."""
-        return compute_loss(self.model, batch)
+        """A method's `compute_loss(model, batch)`: (loss, values to log), under the precision's autocast."""
+        with self.precision.autocast(self.device):
+            return compute_loss(self.model, batch)
 
     def backward(self, loss: torch.Tensor, batch: dict[str, torch.Tensor] | None = None) -> None:
         """Backpropagate a micro-batch's loss, already divided by grad_accum_steps; tally it (and the batch's tokens)
         for the step's report."""
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         self._loss += float(loss.detach())
         self._tokens += int(batch["attention_mask"].sum()) if batch is not None else 0
 
@@ -101,8 +107,14 @@ class Engine:
         tokens, lr and gradient norm (before clipping)."""
         lr = self.optimizer.param_groups[0]["lr"]
         max_norm = self.t.max_grad_norm if self.t.max_grad_norm is not None else float("inf")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip (and report) the true gradients
         norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step when the scaled gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         stats = {"loss": self._loss, "tokens": self._tokens, "lr": lr, "grad_norm": float(norm)}
@@ -121,8 +133,13 @@ class Engine:
         return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in params.items()}
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

@@ -14,8 +14,10 @@ from sparseft.errors import UserError
 
 
 class Reporter:
-    def __init__(self, metrics_path: Path, max_steps: int, start_step: int, console: Console | None = None):
+    def __init__(self, metrics_path: Path, max_steps: int, start_step: int, console: Console | None = None,
+                 trackers=None):
         self.console = console or Console(stderr=False)
+        self.trackers = trackers  # sparseft.train.trackers.Trackers: each record goes to them too
         self.metrics_path = metrics_path
         self.max_steps = max_steps
         _truncate_after(metrics_path, start_step)
@@ -36,6 +38,8 @@ class Reporter:
     def log(self, record: dict, show: bool = True) -> None:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.trackers is not None:
+            self.trackers.log(record)
         if not show:
             return
         step = record["step"]
@@ -46,10 +50,17 @@ class Reporter:
         else:
             print(f"step {step}/{self.max_steps}  {line}", flush=True)
 
+    def results(self, payload: dict) -> None:
+        """The final eval results (what eval.json holds), for the trackers."""
+        if self.trackers is not None:
+            self.trackers.results(payload)
+
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
         self._file.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def _fmt(v) -> str:

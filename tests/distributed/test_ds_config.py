@@ -53,13 +53,13 @@ def test_no_section_is_zero1_and_bf16_follows_the_model(tmp_path):
                                          "train.grad_accum_steps=3"),
     ({"gradient_clipping": 1.0}, "distributed.config.gradient_clipping=1.0: differs from train.max_grad_norm=0.5"),
     ({"train_batch_size": 7}, "distributed.config.train_batch_size=7: differs from"),
-    ({"bf16": {"enabled": True}}, "distributed.config.bf16.enabled=True: differs from model.dtype=float32"),
+    ({"bf16": {"enabled": True}}, "distributed.config.bf16.enabled=True: differs from train.precision=fp32"),
     ({"fp16": {"enabled": True}}, "distributed.config.fp16.enabled=true: not supported"),
     ({"optimizer": {"type": "Adam"}}, "distributed.config.optimizer: sparseft builds it from the recipe"),
     ({"scheduler": {"type": "WarmupLR"}}, "distributed.config.scheduler: sparseft builds it from the recipe"),
     ({"zero_optimization": {"stage": 4}}, "distributed.config.zero_optimization.stage=4: must be 0, 1, 2 or 3"),
     ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "distributed.config.zero_optimization.stage=0: "
-                                                                      "not supported with model.dtype=bfloat16"),
+                                                                      "not supported with train.precision=bf16-mixed"),
 ])
 def test_a_config_that_disagrees_with_the_recipe_names_the_key(tmp_path, config, message):
     r = recipe(tmp_path, config)

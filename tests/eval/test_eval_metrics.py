@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sparseft.eval.exact_match import build_items, extract_answer
+from sparseft.eval.exact_match import build_items, exact_match, extract_answer
 from sparseft.eval.runner import run_task
 from sparseft.eval.tasks import validate_task
 from sparseft.infer.generate import Sampling, generate
@@ -93,6 +93,8 @@ def test_extract_answer_rules():
     assert extract_answer(" Paris \n", "stripped") == "Paris"
     assert extract_answer("answer: B.", "regex", r"answer: (\w)") == "B"
     assert extract_answer("no", "regex", r"answer: (\w)") is None
+    assert extract_answer("so answer: B.", "regex", r"answer: \w") == "answer: B"  # no group: the whole match
+    assert extract_answer(" \n \n", "first_line") == ""
 
 
 def test_multiple_choice_by_sum_per_token_and_per_char(tmp_path, tok):
@@ -123,3 +125,121 @@ def test_sampling_is_seeded_per_prompt_and_batch_invariant(tok):
     assert [g.token_ids for g in one] == [g.token_ids for g in generate(model, tok, prompts, s, batch_size=1)]
     other = generate(model, tok, prompts, Sampling(max_new_tokens=5, temperature=1.0, seed=4), batch_size=3)
     assert [g.token_ids for g in one] != [g.token_ids for g in other]
+
+
+@pytest.mark.parametrize("text,rule,expected", [
+    ("10", "last_number", "10"),  # integers keep their zeros: "10" is not "1"
+    ("the answer is 100", "last_number", "100"),
+    ("0", "first_number", "0"),
+    ("-20 then 3", "first_number", "-20"),
+    ("1,200", "first_number", "1200"),  # thousands separators are dropped
+    ("x 12,345,678 y", "last_number", "12345678"),
+    ("7.000", "last_number", "7"),  # trailing decimal zeros are dropped, then the point
+    ("120.50", "last_number", "120.5"),
+    ("3.0 and 40.", "first_number", "3"),
+    ("x 40. y", "last_number", "40"),
+    ("1,000.50", "first_number", "1000.5"),
+    ("0.0", "first_number", "0"),
+])
+def test_numbers_read_by_hand(text, rule, expected):
+    assert extract_answer(text, rule) == expected
+
+
+def _says(answer: str) -> dict:
+    """A stub that, after "=", says `answer` one character at a time and stops (characters must not repeat)."""
+    chain = ["=", *answer, "</s>"]
+    assert len(set(answer)) == len(answer)
+    return {(a, b): 50.0 for a, b in zip(chain, chain[1:])}
+
+
+@pytest.mark.parametrize("says,reference,correct", [
+    (" 1", " 10", False),  # "10" must not read as "1"
+    (" 10", " 10", True),
+    (" 12", " 1,2", True),  # the reference's thousands separator is dropped
+    (" 12", " 1.2", False),
+    (" 4", " 4.0", True),
+])
+def test_exact_match_compares_numbers_not_digits(tmp_path, tok, says, reference, correct):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "3 + 4 =", "completion": reference}])
+    spec = dict(metric="exact_match", data=data, answer="last_number", generation={"max_new_tokens": 5})
+    samples = []
+    m = run_task(task(**spec), bigram(_says(says)), tok, samples=samples)
+    assert samples[0]["generated"] == says
+    assert (m["correct"], samples[0]["correct"]) == (int(correct), correct), samples
+
+
+def test_over_long_prompts_keep_their_end(tmp_path, tok):
+    """A prompt longer than max_length loses its beginning: the tokens next to the answer are what it predicts from."""
+    data = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "abcdefgh 1 + 2 =", "completion": " 3"},
+                                              {"prompt": "9 =", "completion": " 9"}])
+    t = task(metric="exact_match", data=data, max_length=7,
+             few_shot={"examples": [{"prompt": "x =", "completion": " 1"}], "separator": "?"})
+    long, short = build_items(t, tok)
+    assert tok.decode(long.prompt_ids) == "1 + 2 ="  # the last 7 of "x = 1?abcdefgh 1 + 2 ="
+    assert tok.decode(short.prompt_ids) == "= 1?9 ="
+    assert len(long.prompt_ids) == len(short.prompt_ids) == 7
+    assert (long.reference, short.reference) == ("3", "9")
+
+
+def test_exact_match_generates_with_the_task_settings(tmp_path, tok):
+    """Called on its own (it builds the items), exact_match samples with the task's settings: the texts are those of
+    generate() with them, another seed gives others, and the score is the fraction of matching answers."""
+    rows = [{"prompt": "1 + 1 =", "completion": " 2"}, {"prompt": "2 + 2 =", "completion": " 4"},
+            {"prompt": "9 =", "completion": " 9"}]
+    gen = {"max_new_tokens": 4, "temperature": 1.0, "top_p": 0.3, "seed": 5}
+    t = task(metric="exact_match", data=write_jsonl(tmp_path / "a.jsonl", rows), generation=gen, batch_size=2)
+    model = bigram({(" ", "9"): 1.0})  # nearly uniform: every draw is random
+    samples = []
+    m = exact_match(model, tok, t, samples=samples)
+    prompts = [it.prompt_ids for it in build_items(t, tok)]
+    expected = [g.text for g in generate(model, tok, prompts, Sampling(**gen), batch_size=3)]
+    assert [s["generated"] for s in samples] == expected
+    assert expected != [g.text for g in generate(model, tok, prompts, Sampling(**{**gen, "seed": 6}))]
+    assert expected != [g.text for g in generate(model, tok, prompts, Sampling(**{**gen, "top_p": 1.0}))]
+    assert [s["prediction"] for s in samples] == [e.strip() for e in expected]
+    assert [s["reference"] for s in samples] == ["2", "4", "9"]
+    correct = sum(e.strip() == r for e, r in zip(expected, ["2", "4", "9"]))
+    assert [s["correct"] for s in samples] == [e.strip() == r for e, r in zip(expected, ["2", "4", "9"])]
+    assert (m["correct"], m["n"], m["exact_match"]) == (correct, 3, correct / 3)
+
+
+def test_one_row_scores_zero_or_one(tmp_path, tok):
+    data = write_jsonl(tmp_path / "a.jsonl", ARITH[:1])
+    for says, score in ((" 7", 1.0), (" 6", 0.0)):
+        m = run_task(task(metric="exact_match", data=data), bigram(_says(says)), tok)
+        assert (m["exact_match"], m["n"]) == (score, 1)
+
+
+def test_renamed_fields(tmp_path, tok):
+    data = write_jsonl(tmp_path / "a.jsonl", [{"q": "3 + 4 =", "a": " 7"}])
+    [item] = build_items(task(metric="exact_match", data=data, fields={"prompt": "q", "completion": "a"}), tok)
+    assert tok.decode(item.prompt_ids) == "3 + 4 =" and item.reference == "7"
+
+
+def test_instruction_form_items(tmp_path, tok):
+    """The prompt is the task's template filled with the row's instruction and input (renamed fields too), the
+    reference the row's output read by the rule; few-shot examples come first, each with its answer and separator."""
+    rows = [{"ins": "add", "inp": "3 4", "out": " 7"}, {"ins": "neg", "out": " 0"}]
+    t = task(metric="exact_match", data=write_jsonl(tmp_path / "i.jsonl", rows), form="instruction",
+             prompt_template="q {instruction} {input}=", fields={"instruction": "ins", "input": "inp", "output": "out"},
+             few_shot={"examples": [{"ins": "one", "out": " 1"}], "separator": "?"})
+    items = build_items(t, tok)
+    assert [tok.decode(it.prompt_ids) for it in items] == ["q one = 1?q add 3 4=", "q one = 1?q neg ="]
+    assert [it.reference for it in items] == ["7", "0"]
+
+
+def test_chat_form_items(tmp_path, tok):
+    """The context is the conversation before its last assistant turn (few-shot conversations first, each closed by
+    its answer), rendered with the chat template and the generation prompt; the reference is that last turn."""
+    chat_tok = char_tokenizer()
+    chat_tok.chat_template = ("{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}?{% endfor %}"
+                              "{% if add_generation_prompt %}a:{% endif %}")
+    rows = [{"msgs": [{"role": "user", "content": "1 + 1"}, {"role": "assistant", "content": "2"},
+                      {"role": "user", "content": "2 + 2"}, {"role": "assistant", "content": "4"},
+                      {"role": "user", "content": "ok"}]}]
+    shot = {"msgs": [{"role": "user", "content": "0 + 0"}, {"role": "assistant", "content": "0"}]}
+    t = task(metric="exact_match", data=write_jsonl(tmp_path / "c.jsonl", rows), form="chat",
+             fields={"messages": "msgs"}, few_shot={"examples": [shot]})
+    [item] = build_items(t, chat_tok)
+    assert chat_tok.decode(item.prompt_ids) == "u:0 + 0?a:0?u:1 + 1?a:2?u:2 + 2?a:"
+    assert item.reference == "4"

@@ -165,3 +165,21 @@ def test_rejects_bad_arguments():
         slice_linear(x, w, torch.randn(2, 6), None, "heads")
     with pytest.raises(ValueError, match="k=0"):
         slice_linear(x, w, torch.randn(0, 6), None, "rows")
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
+def test_backward_uses_the_trained_slice_whatever_the_weight_holds(case):
+    """Under ZeRO-3 the frozen weight is released after forward and re-gathered for backward from its partition,
+    which holds the base values, not the trained slice; after a resume the two differ from the first step. The input
+    gradient must still be that of the live weight (the dense reference), so backward writes the slice again."""
+    kind, d_out, d_in, k, lead = case
+    (x, w, t, _), (x_ref, w_ref, _) = make_case(kind, d_out, d_in, k, lead)
+    base = w.clone()  # the base values: make_case's trainable slice differs from them
+    y = slice_linear(x, w, t, None, kind)
+    with torch.no_grad():
+        w.copy_(base)  # what a re-gather from the partition gives back
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    F.linear(x_ref, w_ref).backward(gy)
+    assert rel_err(x.grad, x_ref.grad) < 1e-6
+    assert rel_err(t.grad, leading_slice(w_ref.grad, kind, k)) < 1e-6

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,6 +15,7 @@ from typer.testing import CliRunner
 
 from sparseft.cli import app
 from sparseft.export.run import load_run
+from sparseft.train import loop
 from tests.helpers import cli, write_recipe
 
 runner = CliRunner()
@@ -50,7 +53,17 @@ S2FT = {"name": "s2ft", "projections": ["v", "o", "up", "down"], "heads": {"coun
 
 
 @pytest.mark.parametrize("method", [{"name": "full"}, {"name": "lora", "r": 4, "dropout": 0.1}, S2FT])
-def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, method):
+def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, method, monkeypatch):
+    # Something in every step draws from Python's and NumPy's global generators (as a data transform or a method
+    # might): a resumed run must continue their streams too, not restart them from the seed.
+    draws = []
+    real_eval_step = loop.eval_step
+
+    def eval_step(*args, **kwargs):
+        draws.append((random.random(), float(np.random.rand())))
+        return real_eval_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "eval_step", eval_step)
     model = tiny_model_dir("llama")
     train = {"max_steps": 12, "save_every": 4, "keep_checkpoints": 3, "grad_accum_steps": 2,
              "schedule": "cosine", "warmup_steps": 3}
@@ -64,8 +77,12 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_model_dir, method):
     # Simulate a run killed after step 4: only the step-4 checkpoint is left.
     shutil.rmtree(b / "run" / "final")
     shutil.rmtree(b / "run" / "checkpoints" / "step-00000008")
+    uninterrupted = draws[:12]
+    assert len(draws) == 24 and draws[12:] == uninterrupted
+    del draws[:]
     out = cli("train", recipe_b, "--resume")
     assert "resumed from" in out.output and "at step 4" in out.output
+    assert draws == uninterrupted[4:]
     wa, wb = _final_weights(a / "run"), _final_weights(b / "run")
     assert wa.keys() == wb.keys()
     for k in wa:

@@ -81,6 +81,8 @@ class LamdaLinear(nn.Module):
         """Freeze B's columns where `cols` (bool, (r,)) is True, on top of those frozen already. Reads B (under
         ZeRO-3 the caller gathers it)."""
         b = self.lamda_B
+        if self.b_frozen.dtype != b.dtype:  # B became an fp32 master after this layer was built (mixed precision)
+            self.b_frozen = self.b_frozen.to(b.dtype)
         new = cols.to(self.frozen.device) & ~self.frozen
         if bool(new.any()):
             self.b_frozen[:, new] = b[:, new]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from sparseft.kernels.partial_linear import KINDS, Kind, leading_slice, slice_linear
+from sparseft.kernels.partial_linear import KINDS, Kind, exact_delta, leading_slice, plus_delta, slice_linear
 
 
 class SliceLinear(nn.Module):
@@ -55,24 +55,26 @@ class SliceLinear(nn.Module):
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
-        """What training changed in the slice: trainable - base_slice (detached, the slice's shape)."""
-        return self.trainable.detach() - self.base_slice
+        """What training changed in the slice: trainable - base_slice, in fp32 (float64 where fp32 cannot hold it
+        exactly; see `exact_delta`), detached, the slice's shape."""
+        return exact_delta(self.trainable.detach(), self.base_slice)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """A new full weight: the base weight with its slice set to base_slice + delta().
+        """A new full weight in the base weight's dtype: the base weight with its slice set to base_slice + delta().
 
         Computed exactly this way (not by copying `trainable`) so it is bit-identical to applying an exported delta
-        to the base weights.
+        to the base weights; `exact_delta` makes it equal the trained slice rounded once to the storage dtype, which is
+        what the forward computes with.
         """
         w = self.base_layer.weight.detach().clone()  # (d_out, d_in); its slice region is overwritten below
-        leading_slice(w, self.kind, self.k).copy_(self.base_slice + self.delta())
+        leading_slice(w, self.kind, self.k).copy_(plus_delta(self.base_slice, self.delta()))
         return w
 
     @torch.no_grad()
     def unwrap(self) -> nn.Linear:
         """The base layer with the merged slice written into its weight (in place); it stays frozen."""
-        leading_slice(self.base_layer.weight, self.kind, self.k).copy_(self.base_slice + self.delta())
+        leading_slice(self.base_layer.weight, self.kind, self.k).copy_(plus_delta(self.base_slice, self.delta()))
         return self.base_layer
 
     def extra_repr(self) -> str:

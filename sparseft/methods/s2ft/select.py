@@ -19,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from sparseft.data.packing import forward_inputs
 from sparseft.errors import UserError
 from sparseft.methods.s2ft.config import Budget, S2FTConfig
 from sparseft.models.arch import ATTN_ROLES, COL_ROLES, MLP_ROLES, ROLES, ArchSpec, arch_of
@@ -129,7 +130,8 @@ def weight_scores(model: nn.Module, spec: ArchSpec, roles: list[str]) -> tuple[t
 
 def _device_batch(model: nn.Module, batch: dict) -> dict:
     device = next(model.parameters()).device
-    return {k: v.to(device) for k, v in batch.items() if k in _BATCH_KEYS}
+    b = {k: v.to(device) for k, v in batch.items() if k in _BATCH_KEYS}
+    return {**forward_inputs(b), **({"labels": b["labels"]} if "labels" in b else {})}
 
 
 def activation_scores(model: nn.Module, spec: ArchSpec, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +159,7 @@ def activation_scores(model: nn.Module, spec: ArchSpec, batches: list[dict]) -> 
         with torch.no_grad():
             for batch in batches:
                 b = _device_batch(model, batch)
-                mask[0] = b.get("attention_mask")
+                mask[0] = batch["attention_mask"].to(b["input_ids"].device) if "attention_mask" in batch else None
                 model(**{k: v for k, v in b.items() if k != "labels"})
     finally:
         for h in handles:

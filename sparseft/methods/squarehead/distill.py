@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparseft.data.packing import forward_inputs
 from sparseft.methods.squarehead.config import Loss
 from sparseft.models.arch import arch_of
 from sparseft.train.loss import causal_lm_loss
@@ -96,8 +97,8 @@ class Distiller:
         self.teacher = teacher  # device -> the frozen teacher on that device (loaded or moved on first use)
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        ids, attn = batch["input_ids"], batch["attention_mask"]
-        tokens = attn.bool()  # (B, T)
+        ids, inputs = batch["input_ids"], forward_inputs(batch)
+        tokens = batch["attention_mask"].bool()  # (B, T)
         want_sq, want_kd = self.w.squarehead > 0, self.w.kd > 0
         states: list[torch.Tensor | None] = []
         energies: list[torch.Tensor] = []
@@ -111,9 +112,9 @@ class Distiller:
                         energies.append(teacher_energy(out, tokens))
 
                     with on_block_outputs(teacher, keep):
-                        t_logits = self._teacher_forward(teacher, ids, attn, want_kd)
+                        t_logits = self._teacher_forward(teacher, inputs, want_kd)
                 else:
-                    t_logits = self._teacher_forward(teacher, ids, attn, True)
+                    t_logits = self._teacher_forward(teacher, inputs, True)
         if want_sq:
             energy, rank_factor, world = across_ranks(torch.stack(energies), batch)
 
@@ -125,7 +126,7 @@ class Distiller:
 
         with on_block_outputs(_inner(model), match) if want_sq else nullcontext():
             if want_kd:  # the KL term needs the student's full logits anyway
-                out = model(input_ids=ids, attention_mask=attn, labels=batch["labels"])
+                out = model(**inputs, labels=batch["labels"])
                 ce, s_logits = out.loss, out.logits
             else:
                 ce = causal_lm_loss(model, batch)
@@ -144,9 +145,9 @@ class Distiller:
         return loss, logs
 
     @staticmethod
-    def _teacher_forward(teacher: nn.Module, ids, attn, logits: bool) -> torch.Tensor | None:
+    def _teacher_forward(teacher: nn.Module, inputs: dict, logits: bool) -> torch.Tensor | None:
         if logits:
-            return teacher(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            return teacher(**inputs).logits
         # Block outputs only: the decoder without the LM head (no (B, T, vocab) logits to compute).
-        teacher.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False)
+        teacher.get_decoder()(**inputs)
         return None

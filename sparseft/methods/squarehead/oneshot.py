@@ -16,6 +16,7 @@ import torch.nn as nn
 from sparseft.errors import UserError
 from sparseft.methods.squarehead.config import SquareHeadConfig, parse_pattern
 from sparseft.methods.squarehead.prune import magnitude_keep, sparsegpt
+from sparseft.data.packing import forward_inputs
 from sparseft.models.arch import ArchSpec, arch_of
 
 _FORWARD_KEYS = ("input_ids", "attention_mask", "position_ids")
@@ -61,7 +62,7 @@ def _batch_inputs(model: nn.Module, batch: dict) -> tuple[dict, torch.Tensor]:
     device = next(model.parameters()).device
     b = {k: v.to(device) for k, v in batch.items() if k in _FORWARD_KEYS}
     tokens = b.get("attention_mask", torch.ones_like(b["input_ids"])).bool()  # (B, T)
-    return b, tokens
+    return forward_inputs({"attention_mask": tokens.long(), **b}), tokens
 
 
 class _Stop(Exception):
@@ -89,7 +90,7 @@ def _block_inputs(model: nn.Module, spec: ArchSpec, batches: list[dict]):
             b, tok = _batch_inputs(model, batch)
             current = []
             try:
-                model(**b, use_cache=False)
+                model(**b)
             except _Stop:
                 pass
             first_args, first_kwargs = current[0]

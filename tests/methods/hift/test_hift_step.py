@@ -63,13 +63,13 @@ def _parked_and_live(d: Driver):
 
 
 def test_optimizer_state_exists_only_for_trained_groups_and_waits_off_the_device(load, monkeypatch):
-    """On CPU the compute device and the offload location are the same memory, so the move is made visible: the
-    park/fetch functions are replaced by ones that store state as float64 (the "offload location") and bring it back
-    as float32. What is checked: which tensors are parked when, that only the active group's state is in the
+    """The bookkeeping of parking, with stand-ins for the move: the park/fetch functions are replaced by ones that
+    store state as float64 (a visible "offload location") and bring it back as float32. (The real functions' move to
+    CPU is checked in test_hift_guards.py.) What is checked: which tensors are parked when, that only the active group's state is in the
     optimizer, that a parked tensor is never used by the optimizer in its parked form, that the round trip loses
     nothing, and that AdamW's per-parameter step counts each parameter's own updates."""
-    monkeypatch.setattr(HiFT, "_park_tensor", lambda self, t, p: t.to(torch.float64))
-    monkeypatch.setattr(HiFT, "_fetch_tensor", lambda self, t, p: t.to(p.dtype))
+    monkeypatch.setattr(HiFT, "_park_tensor", lambda self, t: t.to(torch.float64))
+    monkeypatch.setattr(HiFT, "_fetch_tensor", lambda self, t: t.to(torch.float32))
     d = Driver(load("llama"), {"name": "hift", "order": "top_down"}, weight_decay=0.1)
     trained: dict[str, int] = {}
     for _ in range(2 * d.method.num_groups + 1):

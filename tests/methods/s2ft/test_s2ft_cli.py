@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import torch
@@ -9,8 +10,12 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from sparseft.cli import app
+from sparseft.data import build_datasets, micro_batches
 from sparseft.export.sparse_adapters import apply_adapters
+from sparseft.models import load_tokenizer
+from sparseft.recipe import load_recipe
 from tests.helpers import write_recipe
+from tests.methods.s2ft.s2ft_reference import gradient_scores, top
 
 runner = CliRunner()
 
@@ -29,7 +34,16 @@ def test_train_export_apply(tmp_path, tiny_model_dir):
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "layer 1: heads [" in result.output and "channels 12 of 128" in result.output
     selection = json.loads((tmp_path / "run" / "selection.json").read_text())
-    assert selection["strategy"] == "gradient" and len(selection["heads"]["0"]) == 1
+    assert selection["strategy"] == "gradient"
+    # Which units: the plain gradient scores on the trainer's calibration batches (its first two micro-batches).
+    r = load_recipe(recipe)
+    tokenizer = load_tokenizer(base_dir)
+    data = build_datasets(r.data, tokenizer, seed=r.train.seed)
+    batches = list(itertools.islice(micro_batches(data.train, r.train.micro_batch_size, r.train.seed, 0,
+                                                  tokenizer.pad_token_id), 2))
+    heads, chans = gradient_scores(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                   method["projections"], batches)
+    assert selection["heads"] == top(heads, 1) and selection["channels"] == top(chans, 12)
 
     result = cli("export", tmp_path / "run", "--adapter", tmp_path / "adapter", "--merged", tmp_path / "merged")
     assert result.exit_code == 0, result.output + repr(result.exception)

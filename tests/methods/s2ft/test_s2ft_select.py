@@ -6,8 +6,10 @@ import json
 
 import pytest
 import torch
+from tests.methods.s2ft import s2ft_reference as reference
 from tests.methods.s2ft.s2ft_testlib import context, recipe, s2ft
 
+import sparseft.methods.s2ft.select as select_module
 from sparseft.errors import UserError
 from sparseft.models.arch import arch_of
 
@@ -99,13 +101,28 @@ def test_global_scope_ranks_across_layers(load):
 
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])
 @pytest.mark.parametrize("strategy", ["activation", "gradient"])
-def test_calibrated_strategies(load, arch, strategy):
+def test_calibrated_strategies_pick_the_reference_units(load, arch, strategy):
+    """Which units, against scores computed the plain way (tests/methods/s2ft/s2ft_reference.py) on batches with
+    padding: the activation strategy counts real tokens only, the gradient strategy scores the loss gradient."""
     model = load(arch)
+    batches = reference.padded_batches(model.config.vocab_size, 2)
+    roles = ["v", "o", "gate", "down"]
+    if strategy == "activation":
+        ref_heads, ref_chans = reference.activation_scores(model, batches)
+    else:
+        ref_heads, ref_chans = reference.gradient_scores(model, roles, batches)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
-    sel = select(model, strategy=strategy, projections=["v", "o", "gate", "down"], heads={"count": 1},
-                 channels={"ratio": 0.25}, calibration_batches=2)
-    assert all(len(v) == 1 for v in sel["heads"].values())
-    assert all(len(v) == 32 for v in sel["channels"].values())
+    method = dict(strategy=strategy, projections=roles, heads={"count": 1}, channels={"count": 16},
+                  calibration_batches=2)
+    ctx = context(model, **method)
+    ctx.calibration_batches = lambda n: iter(batches[:n])
+    sel = s2ft(**method).select(model, ctx)
+    assert sel["heads"] == reference.top(ref_heads, 1) and sel["channels"] == reference.top(ref_chans, 16)
+    spec = arch_of(model)
+    heads, chans = (select_module.activation_scores(model, spec, batches) if strategy == "activation"
+                    else select_module.gradient_scores(model, spec, roles, batches))
+    torch.testing.assert_close(heads, ref_heads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chans, ref_chans, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in model.parameters())
     assert before == {n: p.requires_grad for n, p in model.named_parameters()}
 

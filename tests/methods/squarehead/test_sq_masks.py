@@ -85,3 +85,31 @@ def test_masks_travel_with_the_method_state():
     for name, pr in method._masks.pruned.items():
         assert torch.equal(again._masks.pruned[name], pr)
         assert int(torch.count_nonzero(dict(resumed.named_parameters())[name].detach()[pr])) == 0
+
+
+def test_masks_are_reapplied_after_every_optimizer_step():
+    """The second guard alone: optimizer moments left non-zero at pruned positions (as after pruning that did not clear
+    them, or in a DeepSpeed master copy the hook cannot reach) move pruned weights in the step; on_step_end must put
+    them back to exactly zero and leave every kept weight as the step left it."""
+    batches = [copy_batch(8, i) for i in range(2)]
+    method, model, engine = prepared(tiny_llama(seed=4), {"pruner": "magnitude", "sparsity": 0.5}, batches, steps=3,
+                                     lr=1e-2)
+    params = dict(model.named_parameters())
+    masks = _pruned(method)
+    for step in range(3):
+        method.on_step_start(step, model, engine.optimizer)
+        loss, _ = method.compute_loss(model, batches[step % 2])
+        engine.backward(loss)
+        for name, pr in masks.items():
+            state = engine.optimizer.state.get(params[name])
+            if state:  # from the second step on: stale first moments at the pruned positions
+                state["exp_avg"].masked_fill_(pr, 1e-3)
+        engine.step()
+        stepped = {n: params[n].detach().clone() for n in masks}
+        if step:
+            assert all(int(torch.count_nonzero(stepped[n][pr])) > 0 for n, pr in masks.items()), "nothing to undo"
+        method.on_step_end(step, model, engine.optimizer)
+        for name, pr in masks.items():
+            p = params[name].detach()
+            assert int(torch.count_nonzero(p[pr])) == 0, f"step {step}: {name} has non-zero pruned weights"
+            assert torch.equal(p[~pr], stepped[name][~pr]), f"step {step}: {name}: kept weights were touched"
