@@ -253,5 +253,6 @@ def path_cases(tmp: Path, model: str, recipe: Path) -> list:
         ("hostfile: missing", ["train", recipe, "--hostfile", tmp / "none"], ["none"]),
         ("nproc zero", ["train", recipe, "--nproc", "0"], ["--nproc"]),
         ("bench: unknown method", ["bench", recipe, "--methods", "magic"], ["magic"]),
-        ("adapter apply: no base", ["adapter", "apply", tmp / "none", "--adapter", tmp, "--out", tmp / "o"], ["none"]),
+        ("adapter apply: no base", ["adapter", "apply", tmp / "none", "--adapter", tmp, "--out", tmp / "o", "--dtype",
+                                    "float32"], ["none"]),
     ]
