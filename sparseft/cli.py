@@ -5,6 +5,7 @@ Exit codes: 0 done, 2 bad input (one message naming the key, file or row), 1 a f
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -42,18 +43,42 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overri
 
 
 def user_errors(fn):
-    """Turn a UserError into its message and exit code 2; anything else is a bug and keeps its traceback (exit 1)."""
+    """Turn a UserError into its message and exit code 2; a failed run (RunFailure, a full disk) into its message and
+    exit code 1; a run stopped by a signal into 130 / 143 (sparseft/errors.py). Anything else is a bug and keeps its
+    traceback (exit 1)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from sparseft.errors import Interrupted, RunFailure
+
         try:
             quiet_libraries()
             return fn(*args, **kwargs)
         except UserError as e:
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2)
+        except RunFailure as e:
+            _say("failed", e)
+            raise typer.Exit(1)
+        except Interrupted as e:
+            _say("stopped", e)
+            raise typer.Exit(e.exit_code)
+        except KeyboardInterrupt:  # a second Ctrl-C while a run stops
+            _say("stopped", "interrupted again: stopped at once, without a checkpoint")
+            raise typer.Exit(130)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            _say("failed", f"{e.filename or 'disk'}: {e.strerror}; free some space (checkpoints already written "
+                           "are kept; --resume continues from the newest)")
+            raise typer.Exit(1)
 
     return wrapper
+
+
+def _say(kind: str, e) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:  # every rank of a job stops alike; rank 0 says why
+        err_console.print(f"[bold red]{kind}:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
 
 
 @app.command()
@@ -117,10 +142,14 @@ def validate(
         console.print(f"[green]ok[/] {recipe}: eval task {task.name}", highlight=False)
         return
     from sparseft.methods import build_method, check_against_config
+    from sparseft.preflight import path_problems
     from sparseft.train.trackers import check_trackers
 
     r = load_recipe(recipe, overrides or [])
     check_trackers(r.train.report_to)
+    problems = path_problems(r)
+    if problems:
+        raise UserError(f"{recipe}: {len(problems)} problem(s)", problems)
     method = build_method(r.method)
     if r.distributed is not None and r.distributed.config is not None:
         from sparseft.train.distributed import check_method_stage, resolve_ds_config, zero_stage
@@ -129,6 +158,15 @@ def validate(
     checked = "checked against its config" if check_against_config(method, r) else "not checked: not a local directory"
     console.print(f"[green]ok[/] {recipe}: method {r.method.name}, model {r.model.path} ({checked}), "
                   f"{r.train.max_steps} steps", highlight=False)
+
+
+def _writable(*options: tuple[str, Optional[Path]], directory: bool = False) -> None:
+    """Output paths that cannot be written are a message before any work, not a traceback after it."""
+    from sparseft.files import check_output_path
+
+    for where, path in options:
+        if path is not None:
+            check_output_path(path, where, directory)
 
 
 def bundled_recipes_dir() -> Path:
@@ -169,8 +207,10 @@ def recipes_cp(name: Annotated[str, typer.Argument(help="Recipe name (see `spars
         known = ", ".join(sorted(f.stem for f in bundled_recipes_dir().glob("*.yaml")))
         raise UserError(f"recipe {name!r}: not bundled (known: {known})")
     target = dest / src.name if dest.is_dir() else dest
+    _writable(("recipes cp", target))
     if target.exists():
         raise UserError(f"{target}: exists already; choose another destination")
+    target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, target)
     console.print(f"wrote {target}", highlight=False)
 
@@ -190,6 +230,7 @@ def export(
 
     if merged is None and adapter is None:
         raise UserError("export: give --merged OUT and/or --adapter OUT")
+    _writable(("--merged", merged), ("--adapter", adapter), directory=True)
     if adapter is not None:
         console.print(f"adapter → {export_adapter(run_dir, adapter)}", highlight=False)
     if merged is not None:
@@ -236,6 +277,7 @@ def eval_cmd(
 
     if form is not None and form not in ("text", "instruction", "chat", "completion"):
         raise UserError(f"--form {form!r}: expected text, instruction, chat or completion")
+    _writable(("--json", json_out), ("--samples", samples))
     tasks = [data_task(str(data), form, max_length, batch_size)] if data is not None else []
     tasks += [load_task(t) for t in task or []]
     tasks = [t.model_copy(update={"limit": min(limit, t.limit or limit)}) for t in tasks] if limit else tasks
@@ -293,6 +335,7 @@ def generate(
         raise UserError(f"--output {output!r}: expected text or jsonl")
     if top_p == 0:
         raise UserError("--top-p 0: must be above 0 (1 keeps every token)")
+    _writable(("--out", out))
     requests = requests_from_texts(prompt or []) + (requests_from_file(prompts) if prompts is not None else [])
     records = run_generation(model, requests, adapter or [], Sampling(max_new_tokens, temperature, top_p, seed,
                                                                         tuple(stop or [])), chat, batch_size,
@@ -323,6 +366,7 @@ def bench(
     from sparseft.recipe import load_recipe
 
     r = load_recipe(recipe)
+    _writable(("--out", out), directory=True)
     entries = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [e for e in entries if e not in (*method_names(), "floor", "serve")]
     if unknown:
@@ -354,6 +398,7 @@ def adapter_apply(
     from sparseft.models import load_model, load_tokenizer
     from sparseft.models.loader import DTYPES
 
+    _writable(("--out", out), directory=True)
     if dtype is None:
         dtype = read_adapter(adapter[0])[0].get("base_dtype", "float32") if adapter else "float32"
     if dtype not in DTYPES:

@@ -109,6 +109,11 @@ class TrainSection(Section):
     eval_batches: int | None = Field(None, gt=0, description="Cap validation at N batches; null uses all.")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
     keep_checkpoints: int = Field(2, gt=0, description="Newest checkpoints kept.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="A step whose loss or gradient norm is not finite: stop (exit 1, nothing of it saved) or "
+        "skip (drop its update, count it in metrics.jsonl).")
+    max_skipped_steps: int = Field(10, gt=0, description="on_nonfinite=skip: stop after this many skipped steps in a "
+                                   "row.")
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Experiment trackers that get the metrics, the recipe and the eval results "
         "besides metrics.jsonl: tensorboard, wandb, mlflow (each an extra: pip install 'sparseft[NAME]').")

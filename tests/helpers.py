@@ -20,6 +20,19 @@ def cli(*args):
     return result
 
 
+def run(*args):
+    """Run the real `sparseft` command in-process; returns the result, whatever its exit code."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_exit(result, code, *needles):
+    """The command ended with `code`, no traceback, and its output says each of `needles`."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert "Traceback" not in result.output
+    for n in needles:
+        assert n in result.output, (n, result.output)
+
+
 def random_batches(vocab: int, n: int, batch: int = 2, length: int = 12, seed: int = 0) -> list[dict]:
     """n seeded batches of random token ids (ids from 4 up: the special tokens stay out), every token labelled."""
     g = torch.Generator().manual_seed(seed)

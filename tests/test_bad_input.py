@@ -92,10 +92,13 @@ def test_validate_checks_method_settings_against_the_model_config(tmp_path, tiny
     assert not (tmp_path / "run" / "final").exists()
 
 
-def test_validate_says_what_it_checked(tmp_path, tiny_model_dir):
+def test_validate_says_what_it_checked(tmp_path, tiny_model_dir, monkeypatch):
     ok = run("validate", write_recipe(tmp_path, tiny_model_dir("llama"), {"name": "s2ft"}))
     assert ok.exit_code == 0 and "(checked against its config)" in ok.output
-    hub = run("validate", write_recipe(tmp_path, "some-org/some-model", {"name": "s2ft"}, name="hub.yaml"))
+    hub_recipe = write_recipe(tmp_path, "some-org/some-model", {"name": "s2ft"}, name="hub.yaml")
+    assert_user_error(run("validate", hub_recipe), "model.path=some-org/some-model", "HF_HUB_OFFLINE")  # as train
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    hub = run("validate", hub_recipe)
     assert hub.exit_code == 0 and "(not checked: not a local directory)" in hub.output
     (tmp_path / "empty").mkdir()
     bad = run("validate", write_recipe(tmp_path, str(tmp_path / "empty"), name="dir.yaml"))

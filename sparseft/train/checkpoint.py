@@ -1,7 +1,13 @@
 """Run directories and checkpoints.
 
-A checkpoint is written into a hidden temporary directory and renamed into place, so a killed run never leaves a half
-checkpoint as the newest. Only trainable parameters are saved: the frozen base is reloaded from model.path.
+A checkpoint is written into a hidden temporary directory, synced to disk and renamed into place, so a killed run (or a
+lost machine) never leaves a half checkpoint as the newest. Only trainable parameters are saved: the frozen base is
+reloaded from model.path. Nothing in a checkpoint is a pickle: tensors are safetensors, the rest JSON
+(sparseft/train/state_io.py), so resuming a run directory somebody else wrote runs no code from it.
+
+A checkpoint directory: trainable.safetensors, state.json (step, examples seen, ranks, batch split), method.json +
+method.safetensors (the method's state), engine.json + engine.safetensors (optimizer, schedule, random generators).
+The final state has all but the engine files.
 """
 
 from __future__ import annotations
@@ -17,8 +23,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from sparseft.errors import UserError
-from sparseft.files import atomic_dir
+from sparseft.errors import RunFailure, UserError
+from sparseft.files import atomic_dir, remove_stale_temps
+from sparseft.train.state_io import load_tree, save_tree
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 TRAINABLE = "trainable.safetensors"
@@ -49,6 +56,11 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         dirs = self.checkpoint_dirs()
         return dirs[-1] if dirs else None
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Temporary directories a killed run left beside its checkpoints and final state (only one run writes a run
+        directory, so at its start none of them is being written)."""
+        return remove_stale_temps(self.path) + remove_stale_temps(self.checkpoints)
 
     def write_json(self, path: Path, obj) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
@@ -92,19 +104,44 @@ def set_rng_state(state: dict) -> None:
 def save_state(out: Path, tensors: dict[str, torch.Tensor], meta: dict, method_state: dict,
                engine_state: dict | None = None) -> None:
     """Write a checkpoint (engine_state given) or a final state, atomically. `tensors`: the trainable parameters by
-    name, full and on CPU (`Engine.gather`)."""
+    name, full and on CPU (`Engine.gather`). Non-finite weights are never written: that is a RunFailure."""
     from safetensors.torch import save_file
 
+    bad = next((n for n, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise RunFailure(f"step {meta['step']}: {bad} holds non-finite values; {out.name} was not written")
     with atomic_dir(out) as tmp:
         save_file(tensors, str(tmp / TRAINABLE))
-        torch.save(method_state, tmp / "method.pt")
+        save_tree(tmp, "method", method_state)
         if engine_state is not None:
-            torch.save({"engine": engine_state, "rng": rng_state()}, tmp / "engine.pt")
+            save_tree(tmp, "engine", {"engine": engine_state, "rng": rng_state()})
         (tmp / "state.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
+def load_engine_state(ckpt: Path) -> tuple[dict, dict]:
+    """(engine state, random-generator state) of a checkpoint."""
+    state = load_tree(ckpt, "engine")
+    return state["engine"], state["rng"]
+
+
+def load_method_state(path: Path) -> dict:
+    """The method's state of a checkpoint or a final state."""
+    return load_tree(path, "method")
+
+
 def read_meta(ckpt: Path) -> dict:
-    return json.loads((ckpt / "state.json").read_text())
+    """A checkpoint's state.json; one written before checkpoints held no pickles is refused with a message."""
+    if (ckpt / "engine.pt").exists() and not (ckpt / "engine.json").exists():
+        raise UserError(f"{ckpt}: written by an older sparseft (pickled engine.pt, which is never loaded: it could "
+                        "run code); start over with --overwrite")
+    try:
+        meta = json.loads((ckpt / "state.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{ckpt / 'state.json'}: unreadable ({e}); remove {ckpt} to resume from the one before") \
+            from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+        raise UserError(f"{ckpt / 'state.json'}: has no step; remove {ckpt} to resume from the one before")
+    return meta
 
 
 def prune_checkpoints(run: RunDir, keep: int) -> None:

@@ -328,6 +328,11 @@ class DeepSpeedEngine:
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         return self.ranks.mean(values)
 
+    def global_grad_norm(self) -> float | None:
+        """While DeepSpeed steps the optimizer: the gradient norm ZeRO reduced over every rank before the step (the
+        same on all ranks); None without ZeRO, where each rank holds the whole reduced gradient itself."""
+        return getattr(self.ds_optimizer, "_global_grad_norm", None) if self.stage > 0 else None
+
     # --- state -------------------------------------------------------------------------------------------------------
     def gather(self, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Full copies of `params` on CPU, on rank 0 (which writes them); ZeRO-3 holds only partitions, so every rank

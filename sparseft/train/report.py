@@ -10,6 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from sparseft.errors import UserError
+
 
 class Reporter:
     def __init__(self, metrics_path: Path, max_steps: int, start_step: int, console: Console | None = None,
@@ -71,8 +73,22 @@ def _truncate_after(path: Path, step: int) -> None:
     """On resume, drop records a killed run wrote after its newest checkpoint, so the curve has no duplicates."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    keep = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:  # torn: the run was killed while writing its last line
+                break
+            raise UserError(f"{path}:{number}: not a JSON line; remove it (or the file) to resume") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise UserError(f"{path}:{number}: a record without a step; remove it (or the file) to resume")
+        if record["step"] <= step:
+            keep.append(line)
+    tmp = path.with_name(f".{path.name}.tmp")  # a kill while rewriting leaves the old file
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -165,7 +165,7 @@ def test_hostfile_launch_command(tmp_path, monkeypatch):
     monkeypatch.setattr(launch_module, "check_hosts_reachable", lambda p, hosts: checked.append(hosts))
 
     class Proc:
-        def __init__(self, cmd, env):
+        def __init__(self, cmd, env, **kwargs):
             started.append(cmd)
 
         def wait(self):

@@ -7,25 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from sparseft.cli import app
 from sparseft.eval.tasks import load_task
 from tests.eval.evallib import write_jsonl, write_task
+from tests.helpers import assert_exit, run
 
-runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_exit(result, code, *needles):
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert "Traceback" not in result.output
-    for n in needles:
-        assert n in result.output, (n, result.output)
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes" / "tasks").glob("*.yaml")), ids=lambda p: p.name)

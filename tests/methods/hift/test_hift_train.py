@@ -15,6 +15,7 @@ from sparseft.cli import app
 from sparseft.export.run import load_run
 from sparseft.recipe import load_recipe
 from sparseft.train.optim import lr_factor
+from sparseft.train.checkpoint import load_method_state
 from tests.helpers import cli, records, write_recipe
 
 runner = CliRunner()
@@ -40,7 +41,7 @@ def test_trains_follows_the_schedule_and_exports_merged(tmp_path, tiny_model_dir
     losses = [r["loss"] for r in steps]
     assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses
     # The final state carries the weights, not the parked optimizer state.
-    assert "optimizer_state" not in torch.load(run / "final" / "method.pt", weights_only=False)
+    assert "optimizer_state" not in load_method_state(run / "final")
 
     cli("export", run, "--merged", tmp_path / "merged")
     trained = load_run(run)
@@ -64,7 +65,7 @@ def test_resume_mid_cycle_continues_the_cycle_exactly(tmp_path, tiny_model_dir):
         runs[name] = write_recipe(tmp_path / name, model, method, train=train)
         cli("train", runs[name])
     b = tmp_path / "b" / "run"
-    ckpt = torch.load(b / "checkpoints" / "step-00000006" / "method.pt", weights_only=False)
+    ckpt = load_method_state(b / "checkpoints" / "step-00000006")
     assert (ckpt["cycle"], ckpt["position"]) == (1, 2)  # mid-cycle
     assert ckpt["optimizer_state"]  # the waiting groups' optimizer state travels with the checkpoint
     # Simulate a run killed after step 6.
