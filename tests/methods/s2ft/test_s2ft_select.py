@@ -174,3 +174,13 @@ def test_activation_without_a_mask_counts_every_token(load):
     got_heads, got_chans = select_module.activation_scores(model, arch_of(model), unmasked)
     torch.testing.assert_close(got_heads, heads, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(got_chans, chans, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_without_labels_predicts_the_input(load):
+    model = load("llama")
+    batches = random_batches(model.config.vocab_size, 2)  # labels = input_ids
+    heads, chans = reference.gradient_scores(model, ["o", "down"], batches)
+    unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    got_heads, got_chans = select_module.gradient_scores(model, arch_of(model), ["o", "down"], unlabelled)
+    torch.testing.assert_close(got_heads, heads, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(got_chans, chans, rtol=1e-4, atol=1e-8)
