@@ -130,3 +130,5 @@ def test_mask_set_by_hand():
     masks.zero_optimizer_state(opt)
     assert torch.equal(opt.state[a]["momentum_buffer"], 3.0 * keep_a.float())
     masks.zero_optimizer_state(None)
+    with pytest.raises(ValueError, match=r"checkpoint masks for \['c'\]"):
+        masks.load_state_dict({**masks.state_dict(), "c": masks.state_dict()["a"]})
