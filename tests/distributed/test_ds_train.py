@@ -82,15 +82,11 @@ def runs(tiny_model_dir, tmp_path_factory):
     code = launch("tests.distributed.ds_worker", [str(r) for r in recipes.values()], nproc=RANKS)
     print(f"2-rank launch ({len(METHODS)} methods, each trained and resumed): {time.perf_counter() - began:.1f}s")
     assert code == 0
-    out, singles = {}, {}
+    out = {}
     for name, recipe in recipes.items():
-        # One process ignores the distributed section: entries that differ only in their ZeRO config share a run.
-        key = json.dumps([METHODS[name][0], TRAIN_OVERRIDES.get(name)], sort_keys=True)
-        if key not in singles:
-            singles[key] = tmp / f"single-{name}"
-            train(load_recipe(recipe, [f"train.micro_batch_size={MICRO * RANKS}",
-                                       f"train.output_dir={singles[key]}"]))
-        out[name] = (tmp / f"ranks-{name}", singles[key], recipe)
+        single = tmp / f"single-{name}"
+        train(load_recipe(recipe, [f"train.micro_batch_size={MICRO * RANKS}", f"train.output_dir={single}"]))
+        out[name] = (tmp / f"ranks-{name}", single, recipe)
     return out
 
 

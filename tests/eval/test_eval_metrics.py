@@ -236,9 +236,9 @@ def test_instruction_form_items(tmp_path, tok):
     rows = [{"ins": "add", "inp": "3 4", "out": " 7"}, {"ins": "neg", "out": " 0"}]
     t = task(metric="exact_match", data=write_jsonl(tmp_path / "i.jsonl", rows), form="instruction",
              prompt_template="q {instruction} {input}=", fields={"instruction": "ins", "input": "inp", "output": "out"},
-             few_shot={"examples": [{"ins": "one", "out": " 1"}], "separator": "?"})
+             few_shot={"examples": [{"ins": "one", "out": " 1"}, {"ins": "two", "out": " 2"}], "separator": "?"})
     items = build_items(t, tok)
-    assert [tok.decode(it.prompt_ids) for it in items] == ["q one = 1?q add 3 4=", "q one = 1?q neg ="]
+    assert [tok.decode(it.prompt_ids) for it in items] == ["q one = 1?q two = 2?q add 3 4=", "q one = 1?q two = 2?q neg ="]
     assert [it.reference for it in items] == ["7", "0"]
 
 
@@ -253,7 +253,7 @@ def test_chat_form_items(tmp_path, tok):
                       {"role": "user", "content": "ok"}]}]
     shot = {"msgs": [{"role": "user", "content": "0 + 0"}, {"role": "assistant", "content": "0"}]}
     t = task(metric="exact_match", data=write_jsonl(tmp_path / "c.jsonl", rows), form="chat",
-             fields={"messages": "msgs"}, few_shot={"examples": [shot]})
+             fields={"messages": "msgs"}, few_shot={"examples": [shot, shot]})
     [item] = build_items(t, chat_tok)
-    assert chat_tok.decode(item.prompt_ids) == "u:0 + 0?a:0?u:1 + 1?a:2?u:2 + 2?a:"
+    assert chat_tok.decode(item.prompt_ids) == "u:0 + 0?a:0?u:0 + 0?a:0?u:1 + 1?a:2?u:2 + 2?a:"
     assert item.reference == "4"

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from tests.helpers import random_batches
 from tests.methods.s2ft import s2ft_reference as reference
 from tests.methods.s2ft.s2ft_testlib import context, recipe, s2ft
 
@@ -163,3 +164,23 @@ def test_budget_of_unlisted_kind_is_ignored(load):
     model = load("mistral")
     sel = select(model, projections=["down"], heads={"count": 99}, channels={"count": 2})
     assert sel["heads"] == {"0": [], "1": []} and all(len(v) == 2 for v in sel["channels"].values())
+
+
+def test_activation_without_a_mask_counts_every_token(load):
+    model = load("llama")
+    batches = random_batches(model.config.vocab_size, 2)  # every token real
+    heads, chans = reference.activation_scores(model, batches)
+    unmasked = [{k: v for k, v in b.items() if k != "attention_mask"} for b in batches]
+    got_heads, got_chans = select_module.activation_scores(model, arch_of(model), unmasked)
+    torch.testing.assert_close(got_heads, heads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_chans, chans, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_without_labels_predicts_the_input(load):
+    model = load("llama")
+    batches = random_batches(model.config.vocab_size, 2)  # labels = input_ids
+    heads, chans = reference.gradient_scores(model, ["o", "down"], batches)
+    unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    got_heads, got_chans = select_module.gradient_scores(model, arch_of(model), ["o", "down"], unlabelled)
+    torch.testing.assert_close(got_heads, heads, rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(got_chans, chans, rtol=1e-4, atol=1e-8)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparseft.methods import MethodContext, build_method
+from sparseft.methods.squarehead.masks import MaskSet
 from sparseft.methods.squarehead.prune import prune_count
 from tests.methods.squarehead.sq_testlib import copy_batch, prepared, recipe_for, tiny_llama, train_steps
 
@@ -113,3 +114,21 @@ def test_masks_are_reapplied_after_every_optimizer_step():
             p = params[name].detach()
             assert int(torch.count_nonzero(p[pr])) == 0, f"step {step}: {name} has non-zero pruned weights"
             assert torch.equal(p[~pr], stepped[name][~pr]), f"step {step}: {name}: kept weights were touched"
+
+
+def test_mask_set_by_hand():
+    """sparsity() is the pruned fraction of all masked weights; zero_optimizer_state clears the state of pruned
+    positions only, skips weights the optimizer holds no state for, and accepts no optimizer."""
+    a, b = torch.nn.Parameter(torch.ones(2, 4)), torch.nn.Parameter(torch.ones(3, 2))
+    masks = MaskSet({"a": a, "b": b})
+    keep_a = torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    masks.set({"a": keep_a, "b": torch.ones(3, 2, dtype=torch.bool)})
+    assert masks.sparsity() == pytest.approx(2 / 14)
+    assert torch.equal(a.detach(), keep_a.float())
+    opt = torch.optim.SGD([a, b], lr=0.1, momentum=0.9)
+    opt.state[a]["momentum_buffer"] = torch.full((2, 4), 3.0)  # b has no state yet
+    masks.zero_optimizer_state(opt)
+    assert torch.equal(opt.state[a]["momentum_buffer"], 3.0 * keep_a.float())
+    masks.zero_optimizer_state(None)
+    with pytest.raises(ValueError, match=r"checkpoint masks for \['c'\]"):
+        masks.load_state_dict({**masks.state_dict(), "c": masks.state_dict()["a"]})
