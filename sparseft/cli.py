@@ -213,6 +213,8 @@ def eval_cmd(
                                                                 "better), e.g. perplexity=2.5.")] = None,
     max_length: Annotated[int, typer.Option(help="--data: tokens per example.")] = 512,
     batch_size: Annotated[int, typer.Option(help="--data: examples per forward.")] = 8,
+    force: Annotated[bool, typer.Option(help="Apply adapters even to a base other than the one they were made for "
+                                             "(their recorded base fingerprint differs).")] = False,
 ):
     """Score a model (alone, or with each adapter in turn) on tasks: perplexity, exact match, multiple choice, and
     lm-evaluation-harness tasks; a table, JSON and CI gates."""
@@ -232,7 +234,7 @@ def eval_cmd(
     if not harness_task:
         check_gate_names(tasks, {"--fail-under": under, "--fail-over": over})
     rows: list | None = [] if samples is not None else None
-    results = evaluate(model, tasks, adapter or [], baseline or [], harness_task or [], samples=rows,
+    results = evaluate(model, tasks, adapter or [], baseline or [], harness_task or [], samples=rows, force=force,
                        log=lambda s: err_console.print(f"[dim]scoring {s}[/]", highlight=False))
     console.print(results_table(results))
     if json_out is not None:
@@ -266,6 +268,8 @@ def generate(
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts per batch.")] = 8,
     output: Annotated[str, typer.Option(help="text or jsonl.")] = "text",
     out: Annotated[Optional[Path], typer.Option(help="Write the output here instead of the terminal.")] = None,
+    force: Annotated[bool, typer.Option(help="Apply adapters even to a base other than the one they were made for "
+                                             "(their recorded base fingerprint differs).")] = False,
 ):
     """Generate from prompts with a model, alone or with adapters (S2FT adapters mix in one batch, unmerged)."""
     from sparseft.infer.generate import Sampling
@@ -278,7 +282,8 @@ def generate(
         raise UserError("--top-p 0: must be above 0 (1 keeps every token)")
     requests = requests_from_texts(prompt or []) + (requests_from_file(prompts) if prompts is not None else [])
     records = run_generation(model, requests, adapter or [], Sampling(max_new_tokens, temperature, top_p, seed,
-                                                                        tuple(stop or [])), chat, batch_size)
+                                                                        tuple(stop or [])), chat, batch_size,
+                             force=force)
     if output == "jsonl":
         write_jsonl(records, out if out is not None else sys.stdout)
     elif out is not None:
@@ -321,6 +326,8 @@ def adapter_apply(
     base: Annotated[Path, typer.Argument(help="The base model directory the adapters were trained on.")],
     adapter: Annotated[list[Path], typer.Option(help="Adapter directory; repeat to fuse several (overlaps add).")],
     out: Annotated[Path, typer.Option(help="Where to write the merged model.")],
+    force: Annotated[bool, typer.Option(help="Apply adapters even to a base other than the one they were made for "
+                                             "(their recorded base fingerprint differs).")] = False,
 ):
     """Fuse one or several sparse (S2FT) adapters into a base model and save a plain Hugging Face model."""
     from sparseft.export.sparse_adapters import apply_adapters, load_sparse_adapter
@@ -329,7 +336,7 @@ def adapter_apply(
 
     model = load_model(str(base), key="BASE")
     tokenizer = load_tokenizer(str(base), key="BASE")
-    adapters = [load_sparse_adapter(a, model) for a in adapter]
+    adapters = [load_sparse_adapter(a, model, force=force) for a in adapter]
     apply_adapters(model, adapters)
     save_merged_dir(model, tokenizer, out, {"form": "merged", "method": "s2ft", "base_model": str(base),
                                             "adapters": [str(a) for a in adapter]})

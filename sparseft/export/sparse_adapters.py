@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from sparseft.errors import UserError
 from sparseft.export.adapter_files import WEIGHTS_NAME, read_adapter
+from sparseft.export.fingerprint import check_base
 
 KINDS = ("rows", "cols")
 
@@ -61,8 +62,11 @@ class SparseAdapter:
                                 f"range for {n_idx} {d.kind} of {name}")
 
 
-def load_sparse_adapter(path: str | Path, model: nn.Module | None = None, method: str = "s2ft") -> SparseAdapter:
-    """Read and check an adapter directory; with `model`, also check that it fits that model."""
+def load_sparse_adapter(path: str | Path, model: nn.Module | None = None, method: str = "s2ft",
+                        force: bool = False) -> SparseAdapter:
+    """Read and check an adapter directory; with `model`, also check that it fits that model and that `model` is the
+    base it was made for (its recorded fingerprint; `force` skips that check). Call it before fusing anything else
+    into `model`: the fingerprint is of the untouched base weights."""
     cfg, tensors = read_adapter(path, method=method)
     where = Path(path) / WEIGHTS_NAME
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -101,11 +105,20 @@ def load_sparse_adapter(path: str | Path, model: nn.Module | None = None, method
     adapter = SparseAdapter(str(path), cfg, modules)
     if model is not None:
         adapter.check(model)
+        check_base(model, cfg, str(path), force)
     return adapter
 
 
 def _as_adapter(adapter: SparseAdapter | str | Path, model: nn.Module) -> SparseAdapter:
-    a = adapter if isinstance(adapter, SparseAdapter) else load_sparse_adapter(adapter)
+    """A loaded adapter checked against `model`. One given by path is also checked against its base fingerprint while
+    no switchable adapter is fused (afterwards the weights are no longer the untouched base's)."""
+    if isinstance(adapter, SparseAdapter):
+        adapter.check(model)
+        return adapter
+    fused = getattr(model, _ATTR, None)
+    if fused is None or not fused.active:
+        return load_sparse_adapter(adapter, model)
+    a = load_sparse_adapter(adapter)
     a.check(model)
     return a
 

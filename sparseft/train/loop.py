@@ -23,8 +23,9 @@ from sparseft.models import load_model, load_tokenizer
 from sparseft.recipe import Recipe, recipe_to_yaml
 from sparseft.train.checkpoint import (TRAINABLE, RunDir, load_trainable, prune_checkpoints, read_meta, save_state,
                                        set_rng_state)
-from sparseft.train.distributed import DeepSpeedEngine, Ranks, SilentReporter, rank_batches, start_ranks
-from sparseft.train.optim import Engine
+from sparseft.train.distributed import (DeepSpeedEngine, Ranks, SilentReporter, full_parameters, rank_batches,
+                                       start_ranks)
+from sparseft.train.optim import Engine, lr_factor
 from sparseft.train.report import Reporter, plot_loss
 
 
@@ -65,7 +66,8 @@ def train(recipe: Recipe, resume: bool = False, overwrite: bool = False, reporte
 
     n_base = sum(p.numel() for p in model.parameters())
     method = build_method(recipe.method)
-    ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path)
+    ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path,
+                        full_parameters=full_parameters, lr_factor=lambda k: lr_factor(k, t))
     meta = read_meta(ckpt) if ckpt else {"step": 0, "examples_seen": 0}
     reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console) if ranks.is_main \
         else SilentReporter()

@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -33,6 +34,7 @@ class _Prepared:
     paths: list[str]
     start_step: int  # B's directions start freezing at this optimizer step
     end_step: int  # B is wholly frozen from this step
+    full_parameters: Callable[..., ContextManager]  # the engine's gather (MethodContext.full_parameters)
 
 
 def frozen_count(step: int, rank: int, start_step: int, end_step: int) -> int:
@@ -127,7 +129,8 @@ class Lamda(Method):
             set_module(model, p, LamdaLinear(m, scale=self.cfg.scale, **tensors))
         steps = ctx.recipe.train.max_steps
         fb = self.cfg.freeze_b
-        setattr(model, _STATE, _Prepared(list(linears), round(fb.start * steps), round(fb.end * steps)))
+        setattr(model, _STATE, _Prepared(list(linears), round(fb.start * steps), round(fb.end * steps),
+                                         ctx.full_parameters))
         return model
 
     def _start_for(self, model, linears: dict[str, nn.Linear], ranks: dict[str, int], ctx) -> dict[str, torch.Tensor]:
@@ -165,11 +168,16 @@ class Lamda(Method):
         """S and B of every layer, B included after it freezes (checkpoints keep it, so a resumed run has it)."""
         return {f"{p}.{n}": getattr(layer, n) for p, layer in self._layers(model) for n in ("lamda_S", "lamda_B")}
 
+    def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """S and B are left out of weight decay, whatever train.weight_decay says. Decay pulls them toward zero, not
+        toward their SVD start: with init spectrum it shrinks B S from B0 S0 and so strips W's top-r directions from
+        the model (measured: logits moved by 0.057 in 50 steps with a zero loss), and with either init it pulls B off
+        the singular vectors it starts from."""
+        return [{"params": list(self.trainable_parameters(model).values()), "weight_decay": 0.0}]
+
     # --- during training -------------------------------------------------------------------------------------------
     def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Freeze the directions of B the schedule freezes by this step (idempotent, so resume rebuilds it)."""
-        from sparseft.train.distributed import full_parameters  # (sparseft.recipe imports the methods)
-
         state = self._state(model)
         wanted = []
         for _, layer in self._layers(model):
@@ -181,16 +189,14 @@ class Lamda(Method):
                 cols[layer.rank - n:] = True
             wanted.append((layer, cols))
         # Freezing copies B's new frozen columns: under ZeRO-3, gather those B (all at once) to read them.
-        with full_parameters([layer.lamda_B for layer, cols in wanted if layer.freezes_new(cols)]):
+        with state.full_parameters([layer.lamda_B for layer, cols in wanted if layer.freezes_new(cols)]):
             for layer, cols in wanted:
                 layer.freeze_directions(cols, optimizer)
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Undo whatever the optimizer step did to frozen directions; log how many parameters trained in this step."""
-        from sparseft.train.distributed import full_parameters
-
         layers = [layer for _, layer in self._layers(model)]
-        with full_parameters([layer.lamda_B for layer in layers if layer.n_frozen], modify=True):
+        with self._state(model).full_parameters([layer.lamda_B for layer in layers if layer.n_frozen], modify=True):
             for layer in layers:
                 layer.restore_frozen()
         return {"trainable_params": sum(layer.trainable_count() for layer in layers)}
@@ -202,6 +208,15 @@ class Lamda(Method):
             set_module(model, p, layer.unwrap())
         delattr(model, _STATE)
         return model
+
+    def base_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {p: layer.base_layer.weight for p, layer in self._layers(model)}
+
+    @classmethod
+    def apply_adapter(cls, model: nn.Module, path: Path):
+        from sparseft.methods.lamda.adapter import lamda_applied
+
+        return lamda_applied(model, path)
 
     def save_adapter(self, model: nn.Module, out_dir: Path, base_model: str) -> dict:
         tensors, ranks = {}, {}

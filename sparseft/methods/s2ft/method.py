@@ -6,6 +6,7 @@ delta with its row / column indices in the base model's own coordinates.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from sparseft.export.adapter_files import write_adapter
 from sparseft.methods.base import Method, MethodContext, register
 from sparseft.methods.s2ft.config import S2FTConfig
 from sparseft.methods.s2ft.layers import SliceLinear
-from sparseft.methods.s2ft.permute import Orders, expand, layer_orders, permute_model
+from sparseft.kernels.partial_linear import leading_slice
+from sparseft.methods.s2ft.permute import Orders, expand, layer_orders, permute_model, unpermuted
 from sparseft.methods.s2ft.select import UNIT, budgets, check_selection, select_units, summary
 from sparseft.models.arch import ATTN_ROLES, COL_ROLES, ArchSpec, arch_of, set_module
 
@@ -127,3 +129,34 @@ class S2FT(Method):
         }
         write_adapter(out_dir, tensors, fields)
         return fields
+
+    def base_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Each wrapped linear's weight as the base had it: its start slice back in place, the permutation undone."""
+        state = self._state(model)
+        out = {}
+        for layer, role in state.wrapped:
+            path = state.spec.proj_path(layer, role)
+            sl: SliceLinear = model.get_submodule(path)
+            w = sl.base_layer.weight.detach().clone()  # (d_out, d_in), permuted
+            leading_slice(w, sl.kind, sl.k).copy_(sl.base_slice)
+            out[path] = unpermuted(w, state.spec, state.orders, layer, role)
+        return out
+
+    @classmethod
+    @contextmanager
+    def apply_adapter(cls, model: nn.Module, path: Path):
+        """Fuse the deltas into the base weights; the touched rows and columns are restored bit for bit on exit."""
+        from sparseft.export.sparse_adapters import fuse, load_sparse_adapter, unfuse
+
+        adapter = fuse(model, load_sparse_adapter(path, model))
+        try:
+            yield model
+        finally:
+            unfuse(model, adapter)
+
+    @classmethod
+    def load_mixable(cls, path: Path, model: nn.Module):
+        """S2FT adapters mix row by row in one batch (sparseft/export/sparse_adapters.py: mixed_adapters)."""
+        from sparseft.export.sparse_adapters import load_sparse_adapter
+
+        return load_sparse_adapter(path, model)

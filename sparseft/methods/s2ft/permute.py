@@ -75,3 +75,13 @@ def permute_model(model: nn.Module, spec: ArchSpec, orders: Orders, inverse: boo
             heads = invert(heads) if heads is not None else None
             chans = invert(chans) if chans is not None else None
         permute_block(model, spec, layer, heads, chans)
+
+
+def unpermuted(weight: torch.Tensor, spec: ArchSpec, orders: Orders, layer: int, role: str) -> torch.Tensor:
+    """A copy of one permuted projection's weight in the base layout (its layer's co-permutation undone)."""
+    heads, chans = orders.get(layer, (None, None))
+    order = heads if role in _ATTN_DIMS else chans
+    if order is None:
+        return weight.clone()
+    dim = _ATTN_DIMS[role] if role in _ATTN_DIMS else _MLP_DIMS[role]
+    return weight.index_select(dim, expand(invert(order), spec.unit_size(role)).to(weight.device))
