@@ -148,7 +148,7 @@ class S2FT(Method):
         """Fuse the deltas into the base weights; the touched rows and columns are restored bit for bit on exit."""
         from sparseft.export.sparse_adapters import fuse, load_sparse_adapter, unfuse
 
-        adapter = fuse(model, load_sparse_adapter(path, model))
+        adapter = fuse(model, load_sparse_adapter(path))  # (the caller checked the base fingerprint)
         try:
             yield model
         finally:
@@ -159,4 +159,6 @@ class S2FT(Method):
         """S2FT adapters mix row by row in one batch (sparseft/export/sparse_adapters.py: mixed_adapters)."""
         from sparseft.export.sparse_adapters import load_sparse_adapter
 
-        return load_sparse_adapter(path, model)
+        adapter = load_sparse_adapter(path)  # (the caller checked the base fingerprint)
+        adapter.check(model)
+        return adapter
