@@ -31,7 +31,9 @@ def unit_order(selected: list[int], n: int) -> list[int] | None:
 def layer_orders(selection: dict, spec: ArchSpec) -> Orders:
     out: Orders = {}
     for layer in range(spec.num_layers):
-        heads = unit_order(selection["heads"].get(str(layer), []), spec.num_kv_heads)
+        # q_head units train o's columns where they are: moving single q heads would break GQA's q->kv pairing.
+        heads = None if selection.get("unit") == "q_head" else \
+            unit_order(selection["heads"].get(str(layer), []), spec.num_kv_heads)
         chans = unit_order(selection["channels"].get(str(layer), []), spec.intermediate_size)
         if heads is not None or chans is not None:
             out[layer] = (heads, chans)

@@ -87,7 +87,8 @@ def test_global_scope_ranks_across_layers(load):
         _scale_unit(model, 0, g, None)
     for c in (5, 9, 11):
         _scale_unit(model, 1, None, c)
-    glob = select(model, strategy="weight", scope="global", heads={"count": 2}, channels={"count": 3})
+    glob = select(model, strategy="weight", scope="global", normalize="none", heads={"count": 2},
+                  channels={"count": 3})
     assert glob["heads"] == {"0": [1, 2], "1": []}
     assert glob["channels"] == {"0": [], "1": [5, 9, 11]}
     per = select(model, strategy="weight", heads={"count": 2}, channels={"count": 3})
@@ -146,3 +147,33 @@ def test_budget_of_unlisted_kind_is_ignored(load):
     model = load("mistral")
     sel = select(model, projections=["down"], heads={"count": 99}, channels={"count": 2})
     assert sel["heads"] == {"0": [], "1": []} and all(len(v) == 2 for v in sel["channels"].values())
+
+
+def test_global_scope_normalises_scores_per_layer(load):
+    """Issue 17, item 8: a layer whose weights are all larger takes the whole raw budget; normalised per layer, the
+    units that stand out of their own layer win, and rank shares the budget evenly."""
+    from sparseft.methods.s2ft.select import normalized
+
+    model = load("mistral")  # 2 layers, 2 kv groups, 128 channels
+    spec = arch_of(model)
+    with torch.no_grad():
+        for role in ("o", "down"):
+            spec.proj(model, 0, role).weight.mul_(10.0)  # layer 0: every score 10x
+    _scale_unit(model, 1, None, 7, by=5.0)  # one channel of layer 1 stands far out of its layer
+    method = dict(strategy="weight", scope="global", heads={"count": 2}, channels={"count": 8})
+    raw = select(model, normalize="none", **method)
+    assert raw["channels"]["1"] == [] and len(raw["channels"]["0"]) == 8, "raw scores: layer 0 takes everything"
+    assert raw["heads"] == {"0": [0, 1], "1": []}
+    z = select(model, normalize="zscore", **method)
+    assert 7 in z["channels"]["1"] and z["channels"]["0"], z["channels"]
+    assert z["normalize"] == "zscore"
+    ranked = select(model, normalize="rank", **method)
+    assert len(ranked["channels"]["0"]) == len(ranked["channels"]["1"]) == 4
+    assert len(ranked["heads"]["0"]) == len(ranked["heads"]["1"]) == 1
+    scores = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 40.0]], dtype=torch.float64)
+    assert torch.allclose(normalized(scores, "rank"), torch.tensor([[0, 0.5, 1], [0, 0.5, 1]], dtype=torch.float64))
+    z = normalized(scores, "zscore")
+    assert torch.allclose(z.mean(1), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(z.std(1, correction=0), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(UserError):
+        recipe(normalize="softmax")
