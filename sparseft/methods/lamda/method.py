@@ -22,7 +22,7 @@ from sparseft.export.adapter_files import write_adapter
 from sparseft.methods.base import Method, MethodContext, register
 from sparseft.methods.lamda.config import LamdaConfig
 from sparseft.methods.lamda.layers import NAMES, LamdaLinear
-from sparseft.methods.lamda.spectrum import allocate_ranks, effective_rank, singular_values, svd_start
+from sparseft.methods.lamda.spectrum import allocate_ranks, effective_rank, singular_values, svd_start, top_svd
 from sparseft.models.arch import ArchSpec, arch_of, set_module
 
 INIT_FILE = "lamda_init.safetensors"
@@ -94,17 +94,29 @@ class Lamda(Method):
         caps = self._caps(model)
         selection: dict = {"projections": list(cfg.projections), "rank_allocation": cfg.rank_allocation,
                            "init": cfg.init}
+        factors: dict[str, tuple] = {}
         if cfg.rank_allocation == "uniform":
             ranks = {p: cfg.r for p in linears}
         else:
             budget = self._budget(len(linears))
-            erank = {p: effective_rank(singular_values(m.weight)) for p, m in linears.items()}
+            erank = {}
+            for p, m in linears.items():
+                if cfg.svd == "full":
+                    # One SVD a linear: its values give the spectrum, its vectors (as many as this linear's rank can
+                    # reach) are kept for the start.
+                    most = min(caps[p], budget - len(linears) + 1)
+                    u, sigma, vh = top_svd(m.weight, caps[p], "full")
+                    factors[p] = (u[:, :most].clone(), sigma, vh[:most].clone())
+                    erank[p] = effective_rank(sigma)
+                else:
+                    erank[p] = effective_rank(singular_values(m.weight))
             ranks = dict(zip(linears, allocate_ranks(list(erank.values()), budget, list(caps.values()))))
             selection.update(budget=budget, effective_rank={p: round(e, 3) for p, e in erank.items()})
         selection["ranks"] = ranks
+        selection["svd"] = cfg.svd
         start = {}
         for p, m in linears.items():
-            for name, t in svd_start(m.weight, ranks[p], cfg.init, cfg.scale).items():
+            for name, t in svd_start(m.weight, ranks[p], cfg.init, cfg.scale, cfg.svd, factors.pop(p, None)).items():
                 start[f"{p}.{name}"] = t
         self._start = (id(model), start)
         if ctx.run_dir is not None:
@@ -153,7 +165,7 @@ class Lamda(Method):
         if path is not None:
             ctx.log(f"lamda: {path} is missing; recomputing the SVD start (identical only on the same machine)")
         return {f"{p}.{n}": t for p, m in linears.items()
-                for n, t in svd_start(m.weight, ranks[p], self.cfg.init, self.cfg.scale).items()}
+                for n, t in svd_start(m.weight, ranks[p], self.cfg.init, self.cfg.scale, self.cfg.svd).items()}
 
     def _state(self, model: nn.Module) -> _Prepared:
         state = getattr(model, _STATE, None)
