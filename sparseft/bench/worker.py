@@ -74,10 +74,15 @@ def train_steps(recipe_path: str, entry: str, steps: int, warmup: int, method_ov
     groups = method.optimizer_param_groups(model, recipe.train.weight_decay)
     engine = Engine(model, groups, recipe.train)
     trainable = sum(p.numel() for g in groups for p in g["params"])
+    # Warm up until the method is in its steady state (HiFT: a whole cycle, so every group has optimizer state),
+    # and time as many steps (HiFT's groups differ in cost: a cycle's median); memory is the peak over timed steps.
+    cycle = method.steps_to_steady_state()
+    warmup, steps = max(warmup, cycle), max(steps, cycle)
     rss_before = _rss_mb("VmRSS")
-    _reset_peak()
     times = []
     for i in range(warmup + steps):
+        if i == warmup:
+            _reset_peak()
         tick = time.perf_counter()
         method.on_step_start(i, model, engine.optimizer)
         loss, _ = method.compute_loss(model, batch)
@@ -90,6 +95,7 @@ def train_steps(recipe_path: str, entry: str, steps: int, warmup: int, method_ov
         "entry": entry, "method": method.name if entry != "floor" else "floor", "trainable_params": trainable,
         "step_s": times, "median_step_s": statistics.median(times), "loss": float(loss.detach()),
         "peak_rss_mb": _rss_mb("VmHWM"), "rss_before_steps_mb": rss_before, "threads": torch.get_num_threads(),
+        "warmup_steps": warmup, "timed_steps": steps,
     }
 
 

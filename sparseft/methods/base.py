@@ -100,6 +100,12 @@ class Method:
 
         return causal_lm_loss(model, batch), {}
 
+    def steps_to_steady_state(self) -> int:
+        """Optimizer steps after which every trainable parameter has stepped once (its optimizer state exists), so
+        a step's time and memory are typical from then on; a benchmark warms up at least this long. Call after
+        prepare."""
+        return 1
+
     def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""
 

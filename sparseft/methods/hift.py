@@ -189,6 +189,10 @@ class HiFT(Method):
         self._lr_factor = ctx.lr_factor if self.cfg.schedule_unit == "cycle" else None
         return model
 
+    def steps_to_steady_state(self) -> int:
+        """One whole cycle: until then some groups have no optimizer state yet."""
+        return self.num_groups
+
     def starved_groups(self) -> list[int]:
         """Groups that no step of the run trains (all of them train once the run has a whole cycle)."""
         if self._max_steps is None or self._max_steps >= self.num_groups:
