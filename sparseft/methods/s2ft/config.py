@@ -90,7 +90,8 @@ class S2FTConfig(MethodConfig):
         "random",
         description="Unit scores: random (seeded), weight (L2 norm of the unit's weights in the listed projections), "
                     "activation (L2 norm of the unit's inputs to o / down on calibration batches), gradient (norm of "
-                    "the loss gradient of the unit's weights on calibration batches).",
+                    "the loss gradient of the unit's weights: root of the sum over calibration batches of its "
+                    "squared norm, accumulated in hooks without keeping any weight gradient).",
     )
     normalize: Literal["zscore", "rank", "none"] = Field(
         "zscore",

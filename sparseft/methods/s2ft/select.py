@@ -211,15 +211,38 @@ def activation_scores(model: nn.Module, spec: ArchSpec, batches: list[dict],
 
 def gradient_scores(model: nn.Module, spec: ArchSpec, roles: list[str], batches: list[dict],
                     unit: str = UNIT) -> tuple[torch.Tensor, torch.Tensor]:
-    """Norm of each unit's loss gradient in the listed projections, the gradient summed over the batches."""
-    weights = [spec.proj(model, layer, role).weight for layer in range(spec.num_layers) for role in roles]
-    # Only the listed weights need a gradient: the rest of the backward pass is input gradients only.
+    """Each unit's loss-gradient norm in the listed projections: the root of the sum, over calibration batches, of
+    the squared norm of the unit's rows (or columns) of that batch's weight gradient.
+
+    No weight gradient is kept. Every weight stays frozen, so autograd computes input gradients only; hooks keep each
+    listed linear's input x and, when its output gradient g arrives, form that linear's gradient g^T x for the one
+    batch, reduce it to per-unit squared norms and drop it. The peak is one weight gradient at a time plus the listed
+    linears' inputs, where building every listed weight's .grad held all of them at once.
+    """
+    heads, chans = _zeros(spec, unit)
     flags = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-        p.grad = None
-    for w in weights:
-        w.requires_grad_(True)
+    model.requires_grad_(False)
+
+    def hook_for(table: torch.Tensor, layer: int, role: str):
+        def forward_hook(_module, args, out):
+            x = args[0].detach()  # (B, T, d_in)
+
+            def grad_hook(g):  # (B, T, d_out)
+                g2, x2 = g.reshape(-1, g.shape[-1]).float(), x.reshape(-1, x.shape[-1]).float()
+                table[layer] += _unit_sq(g2.t() @ x2, spec, role, unit).double().cpu()  # (d_out, d_in), transient
+
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return forward_hook
+
+    def graph_from_embeddings(_module, _args, out):
+        out.requires_grad_(True)  # frozen embeddings: the graph must still reach the first block
+
+    handles = [model.get_input_embeddings().register_forward_hook(graph_from_embeddings)]
+    for layer in range(spec.num_layers):
+        for role in roles:
+            table = heads if role in ATTN_ROLES else chans
+            handles.append(spec.proj(model, layer, role).register_forward_hook(hook_for(table, layer, role)))
     was_training = model.training
     model.eval()
     try:
@@ -228,12 +251,9 @@ def gradient_scores(model: nn.Module, spec: ArchSpec, roles: list[str], batches:
             if "labels" not in b:
                 b["labels"] = b["input_ids"]
             model(**b).loss.backward()
-        heads, chans = _zeros(spec, unit)
-        for layer in range(spec.num_layers):
-            for role in roles:
-                table = heads if role in ATTN_ROLES else chans
-                table[layer] += _unit_sq(spec.proj(model, layer, role).weight.grad, spec, role, unit).double().cpu()
     finally:
+        for h in handles:
+            h.remove()
         for p, flag in flags.items():
             p.grad = None
             p.requires_grad_(flag)

@@ -177,3 +177,33 @@ def test_global_scope_normalises_scores_per_layer(load):
     assert torch.allclose(z.std(1, correction=0), torch.ones(2, dtype=torch.float64))
     with pytest.raises(UserError):
         recipe(normalize="softmax")
+
+
+@pytest.mark.parametrize("unit", ["kv_group", "q_head"])
+def test_gradient_scores_match_dense_autograd(load, unit):
+    """Issue 17, item 9: scores accumulated in hooks (no weight gradient kept) equal per-unit norms of each batch's
+    dense weight gradient, squared and summed over batches."""
+    from sparseft.methods.s2ft.select import _unit_sq, gradient_scores
+    from tests.helpers import random_batches
+
+    model = load("qwen3")
+    spec = arch_of(model)
+    roles = ["o", "down"] if unit == "q_head" else ["q", "k", "o", "up", "down"]
+    batches = random_batches(model.config.vocab_size, 2, batch=2, seed=4)
+    heads, chans = gradient_scores(model, spec, roles, batches, unit)
+    assert all(p.grad is None for p in model.parameters())
+
+    ref_h, ref_c = torch.zeros_like(heads), torch.zeros_like(chans)
+    weights = {(layer, role): spec.proj(model, layer, role).weight for layer in range(spec.num_layers) for role in roles}
+    model.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    model.eval()
+    for b in batches:
+        model.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+        for (layer, role), w in weights.items():
+            (ref_h if role in ("q", "k", "v", "o") else ref_c)[layer] += _unit_sq(w.grad, spec, role, unit).double()
+    torch.testing.assert_close(heads, ref_h.sqrt(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(chans, ref_c.sqrt(), rtol=1e-4, atol=1e-9)
+    assert heads.shape[1] == (spec.num_heads if unit == "q_head" else spec.num_kv_heads)
