@@ -177,8 +177,10 @@ class Lamda(Method):
         return [(p, model.get_submodule(p)) for p in self._state(model).paths]
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """S and B of every layer, B included after it freezes (checkpoints keep it, so a resumed run has it)."""
-        return {f"{p}.{n}": getattr(layer, n) for p, layer in self._layers(model) for n in ("lamda_S", "lamda_B")}
+        """S and B's columns of every layer, frozen columns included (checkpoints keep them, so a resumed run has
+        them)."""
+        return {f"{p}.{n}": q for p, layer in self._layers(model) for n, q in layer.named_parameters()
+                if not n.startswith("base_layer.")}
 
     def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
         """S and B are left out of weight decay, whatever train.weight_decay says. Decay pulls them toward zero, not
@@ -200,15 +202,16 @@ class Lamda(Method):
             else:
                 cols[layer.rank - n:] = True
             wanted.append((layer, cols))
-        # Freezing copies B's new frozen columns: under ZeRO-3, gather those B (all at once) to read them.
-        with state.full_parameters([layer.lamda_B for layer, cols in wanted if layer.freezes_new(cols)]):
+        # Freezing may copy B's new frozen columns: under ZeRO-3, gather those (all at once) to read them.
+        with state.full_parameters([c for layer, cols in wanted for c in layer.new_columns(cols)]):
             for layer, cols in wanted:
                 layer.freeze_directions(cols, optimizer)
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Undo whatever the optimizer step did to frozen directions; log how many parameters trained in this step."""
         layers = [layer for _, layer in self._layers(model)]
-        with self._state(model).full_parameters([layer.lamda_B for layer in layers if layer.n_frozen], modify=True):
+        pinned = [layer.lamda_B_cols[j] for layer in layers for j in layer.pinned]
+        with self._state(model).full_parameters(pinned, modify=True):
             for layer in layers:
                 layer.restore_frozen()
         return {"trainable_params": sum(layer.trainable_count() for layer in layers)}
