@@ -261,7 +261,8 @@ def _stack(kind: str, per_row: list[SparseDelta | None], weight: torch.Tensor) -
 
 
 def _mixed_update(out: torch.Tensor, x: torch.Tensor, s: _Stacked) -> torch.Tensor:
-    """out + every row's own delta applied to its x, in one gather, one batched matmul and one scatter.
+    """Add every row's own delta applied to its x to `out`, in place: one gather and one batched matmul-add (cols),
+    or one batched matmul and one scatter-add (rows).
 
     x (B, T, d_in), out (B, T, d_out). cols: out += x[..., idx_b] @ delta_b^T; rows: out[..., idx_b] += x @ delta_b^T.
     """
@@ -269,9 +270,10 @@ def _mixed_update(out: torch.Tensor, x: torch.Tensor, s: _Stacked) -> torch.Tens
     K = s.index.shape[1]
     if s.kind == "cols":
         xs = x.gather(-1, s.index[:, None, :].expand(B, T, K))  # (B, T, K)
-        return out + torch.bmm(xs, s.delta.to(x.dtype)).to(out.dtype)  # (B, T, K) @ (B, K, d_out)
+        return out.baddbmm_(xs, s.delta.to(out.dtype)) if xs.dtype == out.dtype else \
+            out.add_(torch.bmm(xs, s.delta.to(xs.dtype)).to(out.dtype))  # (B, T, K) @ (B, K, d_out)
     upd = torch.bmm(x, s.delta.to(x.dtype).transpose(1, 2))  # (B, T, d_in) @ (B, d_in, K) -> (B, T, K)
-    return out.scatter_add(-1, s.index[:, None, :].expand(B, T, K), upd.to(out.dtype))
+    return out.scatter_add_(-1, s.index[:, None, :].expand(B, T, K), upd.to(out.dtype))
 
 
 @contextmanager

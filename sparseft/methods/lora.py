@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-
 import torch.nn as nn
 from pydantic import Field
 
