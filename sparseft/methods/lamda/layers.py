@@ -78,16 +78,17 @@ class LamdaLinear(nn.Module):
 
     def new_columns(self, cols: torch.Tensor) -> list[nn.Parameter]:
         """The columns `freeze_directions(cols)` would freeze that are not frozen yet."""
-        return [self.lamda_B_cols[j] for j in range(self.rank) if bool(cols[j]) and not self.frozen[j]]
+        return [self.lamda_B_cols[j] for j, c in enumerate(cols.tolist()) if c and not self.frozen[j]]
 
     @torch.no_grad()
     def freeze_directions(self, cols: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
         """Freeze B's columns where `cols` (bool, (r,)) is True, on top of those frozen already. Reads the new
         columns where the optimizer cannot drop them (under ZeRO-3 the caller gathers them)."""
+        new = [j for j, c in enumerate(cols.tolist()) if c and not self.frozen[j]]
+        if not new:
+            return
         held = set() if optimizer is None else {id(q) for g in optimizer.param_groups for q in g["params"]}
-        for j in range(self.rank):
-            if not bool(cols[j]) or self.frozen[j]:
-                continue
+        for j in new:
             col = self.lamda_B_cols[j]
             self.frozen[j] = True
             col.requires_grad_(False)
