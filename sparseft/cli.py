@@ -268,6 +268,8 @@ def eval_cmd(
     apply_chat_template: Annotated[bool, typer.Option(help="Harness tasks: render prompts with the tokenizer's "
                                                            "chat template.")] = False,
     device: Device = "auto",
+    force: Annotated[bool, typer.Option(help="Apply adapters even to a base other than the one they were made for "
+                                             "(their recorded base fingerprint differs).")] = False,
 ):
     """Score a model (alone, or with each adapter in turn) on tasks: perplexity, exact match, multiple choice, and
     lm-evaluation-harness tasks; a table, JSON and CI gates."""
@@ -288,7 +290,7 @@ def eval_cmd(
     under, over = parse_gates(fail_under or [], "--fail-under"), parse_gates(fail_over or [], "--fail-over")
     check_gate_names(tasks, {"--fail-under": under, "--fail-over": over}, harness=bool(harness_task))
     rows: list | None = [] if samples is not None else None
-    results = evaluate(model, tasks, adapter or [], baseline or [], harness_task or [], samples=rows,
+    results = evaluate(model, tasks, adapter or [], baseline or [], harness_task or [], samples=rows, force=force,
                        log=lambda s: err_console.print(f"[dim]scoring {s}[/]", highlight=False), device=device,
                        warn=lambda s: err_console.print(f"[yellow]warning:[/] {s}", highlight=False),
                        harness_options=HarnessOptions(batch_size, limit, num_fewshot, apply_chat_template))
@@ -325,6 +327,8 @@ def generate(
     output: Annotated[str, typer.Option(help="text or jsonl.")] = "text",
     out: Annotated[Optional[Path], typer.Option(help="Write the output here instead of the terminal.")] = None,
     device: Device = "auto",
+    force: Annotated[bool, typer.Option(help="Apply adapters even to a base other than the one they were made for "
+                                             "(their recorded base fingerprint differs).")] = False,
 ):
     """Generate from prompts with a model, alone or with adapters (S2FT adapters mix in one batch, unmerged)."""
     from sparseft.infer.generate import Sampling
@@ -339,7 +343,7 @@ def generate(
     requests = requests_from_texts(prompt or []) + (requests_from_file(prompts) if prompts is not None else [])
     records = run_generation(model, requests, adapter or [], Sampling(max_new_tokens, temperature, top_p, seed,
                                                                         tuple(stop or [])), chat, batch_size,
-                             device=device)
+                             device=device, force=force)
     if output == "jsonl":
         write_jsonl(records, out if out is not None else sys.stdout)
     elif out is not None:
@@ -390,6 +394,8 @@ def adapter_apply(
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16: the dtype the base is loaded, "
                                                       "merged and saved in. Default: the one the first adapter was "
                                                       "trained over (its base_dtype), so the merge is exact.")] = None,
+    force: Annotated[bool, typer.Option(help="Apply adapters even to a base other than the one they were made for "
+                                             "(their recorded base fingerprint differs).")] = False,
 ):
     """Fuse one or several sparse (S2FT) adapters into a base model and save a plain Hugging Face model."""
     from sparseft.export.adapter_files import read_adapter
@@ -405,7 +411,7 @@ def adapter_apply(
         raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     model = load_model(str(base), dtype, key="BASE")
     tokenizer = load_tokenizer(str(base), key="BASE")
-    adapters = [load_sparse_adapter(a, model) for a in adapter]
+    adapters = [load_sparse_adapter(a, model, force=force) for a in adapter]
     apply_adapters(model, adapters)
     save_merged_dir(model, tokenizer, out, {"form": "merged", "method": "s2ft", "base_model": str(base),
                                             "adapters": [str(a) for a in adapter]})

@@ -72,7 +72,8 @@ def run_task(task: Task, model: Any, tokenizer: Any, inputs=None, default_form: 
     raise TypeError(f"unknown task type {type(task).__name__}")
 
 
-def _variants(loaded: LoadedModel, adapters: Sequence[str], bare: bool) -> Iterator[tuple[str | None, Any]]:
+def _variants(loaded: LoadedModel, adapters: Sequence[str], bare: bool,
+              force: bool = False) -> Iterator[tuple[str | None, Any]]:
     """(adapter, model) pairs: the model alone if `bare`, then with each adapter in turn (the base restored after)."""
     if adapters and loaded.is_run:
         raise UserError(f"MODEL {loaded.path} is a run directory; adapters apply to a base model")
@@ -81,14 +82,15 @@ def _variants(loaded: LoadedModel, adapters: Sequence[str], bare: bool) -> Itera
     from sparseft.export.apply import adapter_applied
 
     for adapter in adapters:
-        with adapter_applied(loaded.model, adapter) as adapted:
+        with adapter_applied(loaded.model, adapter, force) as adapted:
             adapted.eval()
             yield adapter, adapted
 
 
 def evaluate(model_path: str, tasks: Sequence[Task], adapters: Sequence[str] = (), baselines: Sequence[str] = (),
              harness_tasks: Sequence[str] = (), dtype: str = "float32", samples: list | None = None,
-             log=lambda s: None, device: str = "auto", harness_options=None, warn=None) -> list[EvalResult]:
+             log=lambda s: None, device: str = "auto", harness_options=None, warn=None,
+             force: bool = False) -> list[EvalResult]:
     """Every task for each baseline (alone), then for MODEL alone or with each adapter. A baseline that is MODEL
     itself shares its load. `samples`, if given, receives per-row records of generation and choice tasks;
     `harness_options` (a harness.HarnessOptions) is passed to lm-eval with the harness tasks. `warn` (default `log`)
@@ -110,7 +112,7 @@ def evaluate(model_path: str, tasks: Sequence[Task], adapters: Sequence[str] = (
         loaded = load_for_inference(path, dtype, device=device)
         inputs = {t.name: task_inputs(t, loaded.tokenizer, loaded.form) for t in tasks}
         bare = is_baseline or not adapters or model_path in baselines
-        for adapter, model in _variants(loaded, [] if is_baseline else list(adapters), bare):
+        for adapter, model in _variants(loaded, [] if is_baseline else list(adapters), bare, force):
             base_flag = is_baseline or (adapter is None and bool(adapters))
             for task in tasks:
                 log(f"{path}{' + ' + adapter if adapter else ''}: {task.name}")

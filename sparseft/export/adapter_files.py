@@ -17,6 +17,7 @@ from sparseft.files import atomic_dir, read_json_object
 FORMAT_VERSION = 1
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_NAME = "sparseft_adapter.json"  # sparseft's fields, where adapter_config.json is PEFT's
 
 
 def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config: dict, extra_files: dict[str, str] = {}):
@@ -35,17 +36,20 @@ def write_adapter(out_dir: str | Path, tensors: dict[str, torch.Tensor], config:
     return Path(out_dir)
 
 
-def read_adapter(path: str | Path, method: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and check an adapter directory: (config, tensors). Problems are UserErrors naming the file."""
-    from safetensors.torch import load_file
-
+def read_adapter_config(path: str | Path, method: str | None = None) -> dict:
+    """Check an adapter directory and read its config: adapter_config.json, with sparseft's own fields from
+    `sparseft_adapter.json` where the config file is another library's (PEFT's, for LoRA). Adapters written before
+    that file existed kept sparseft's fields in adapter_config.json; they read the same. Problems are UserErrors
+    naming the file."""
     d = Path(path)
-    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    cfg_path, w_path, meta_path = d / CONFIG_NAME, d / WEIGHTS_NAME, d / METADATA_NAME
     if not d.is_dir():
         raise UserError(f"adapter {d}: no such directory")
     if not cfg_path.is_file():
         raise UserError(f"adapter {d}: {CONFIG_NAME} is missing")
     cfg = read_json_object(cfg_path, f"adapter {cfg_path}")
+    if meta_path.is_file():
+        cfg = {**cfg, **read_json_object(meta_path, f"adapter {meta_path}")}
     if "peft_type" in cfg and "method" not in cfg:
         cfg = {**cfg, "method": "lora"}
     for key in ("method", "base_model"):
@@ -59,6 +63,15 @@ def read_adapter(path: str | Path, method: str | None = None) -> tuple[dict, dic
                         f"({FORMAT_VERSION}); upgrade sparseft")
     if not w_path.is_file():
         raise UserError(f"adapter {d}: {WEIGHTS_NAME} is missing")
+    return cfg
+
+
+def read_adapter(path: str | Path, method: str | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory: (config, tensors). Problems are UserErrors naming the file."""
+    from safetensors.torch import load_file
+
+    cfg = read_adapter_config(path, method)
+    w_path = Path(path) / WEIGHTS_NAME
     try:
         tensors = load_file(str(w_path))
     except Exception as e:

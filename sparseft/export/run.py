@@ -12,6 +12,7 @@ import torch.nn as nn
 
 import sparseft
 from sparseft.errors import UserError
+from sparseft.export.fingerprint import FIELD, base_fingerprint
 from sparseft.files import atomic_dir
 from sparseft.methods import Method, MethodContext, build_method
 from sparseft.models import load_model, load_tokenizer
@@ -123,13 +124,16 @@ def _describe(trained: TrainedRun, form: str) -> dict:
 
 
 def _stamp_adapter_config(out: Path, trained: TrainedRun, fields: dict | None) -> None:
-    """Every adapter says what made it: method, base model, format and sparseft versions (the recipe is beside it).
-    PEFT warns that it ignores these keys when it loads a LoRA adapter; that is expected."""
-    path = out / "adapter_config.json"
+    """Every adapter says what made it: method, base model (with a fingerprint of its weights the adapter changes),
+    format and sparseft versions (the recipe is beside it). They go into adapter_config.json, or into a file of their
+    own where that file is another library's (`Method.metadata_file`; PEFT's for LoRA, so PEFT reads exactly its own
+    keys)."""
+    path = out / trained.method.metadata_file
     cfg = json.loads(path.read_text()) if path.exists() else {}
     desc = _describe(trained, "adapter")
     desc.pop("form")
     # The storage dtype the deltas were computed against: applied to the base in that dtype they are exact.
     desc["base_dtype"] = trained.recipe.model.dtype
-    cfg.update({**desc, **(fields or {})})
+    fingerprint = base_fingerprint(trained.model.config, trained.method.base_weights(trained.model))
+    cfg.update({**desc, **(fields or {}), FIELD: fingerprint})
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

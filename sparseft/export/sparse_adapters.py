@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from sparseft.errors import UserError
 from sparseft.export.adapter_files import WEIGHTS_NAME, read_adapter
+from sparseft.export.fingerprint import check_base
 from sparseft.kernels.partial_linear import plus_delta
 
 KINDS = ("rows", "cols")
@@ -62,8 +63,11 @@ class SparseAdapter:
                                 f"range for {n_idx} {d.kind} of {name}")
 
 
-def load_sparse_adapter(path: str | Path, model: nn.Module | None = None, method: str = "s2ft") -> SparseAdapter:
-    """Read and check an adapter directory; with `model`, also check that it fits that model."""
+def load_sparse_adapter(path: str | Path, model: nn.Module | None = None, method: str = "s2ft",
+                        force: bool = False) -> SparseAdapter:
+    """Read and check an adapter directory; with `model`, also check that it fits that model and that `model` is the
+    base it was made for (its recorded fingerprint; `force` skips that check). Call it before fusing anything else
+    into `model`: the fingerprint is of the untouched base weights."""
     cfg, tensors = read_adapter(path, method=method)
     where = Path(path) / WEIGHTS_NAME
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -102,11 +106,20 @@ def load_sparse_adapter(path: str | Path, model: nn.Module | None = None, method
     adapter = SparseAdapter(str(path), cfg, modules)
     if model is not None:
         adapter.check(model)
+        check_base(model, cfg, str(path), force)
     return adapter
 
 
 def _as_adapter(adapter: SparseAdapter | str | Path, model: nn.Module) -> SparseAdapter:
-    a = adapter if isinstance(adapter, SparseAdapter) else load_sparse_adapter(adapter)
+    """A loaded adapter checked against `model`. One given by path is also checked against its base fingerprint while
+    no switchable adapter is fused (afterwards the weights are no longer the untouched base's)."""
+    if isinstance(adapter, SparseAdapter):
+        adapter.check(model)
+        return adapter
+    fused = getattr(model, _ATTR, None)
+    if fused is None or not fused.active:
+        return load_sparse_adapter(adapter, model)
+    a = load_sparse_adapter(adapter)
     a.check(model)
     return a
 
@@ -224,45 +237,82 @@ def apply_adapters(model: nn.Module, adapters: list) -> nn.Module:
     return model
 
 
+@dataclass
+class _Stacked:
+    """One kind of delta (rows or cols) of one linear, for every batch row: the row's adapter's indices and delta,
+    padded to the longest with zero deltas (index 0), so a pad adds nothing."""
+
+    kind: str
+    index: torch.Tensor  # (B, K) long
+    delta: torch.Tensor  # (B, K, d_in) for rows | (B, K, d_out) for cols (delta^T): x @ it gives the update
+
+
+def _stack(kind: str, per_row: list[SparseDelta | None], weight: torch.Tensor) -> _Stacked:
+    """Stack the deltas each batch row uses (None: the row's adapter does not touch this linear) once per batch."""
+    K = max(len(d.indices) for d in per_row if d is not None)
+    width = weight.shape[1] if kind == "rows" else weight.shape[0]  # d_in for rows, d_out for cols
+    index = torch.zeros(len(per_row), K, dtype=torch.long)
+    delta = torch.zeros(len(per_row), K, width, dtype=weight.dtype)
+    for b, d in enumerate(per_row):
+        if d is not None:
+            k = len(d.indices)
+            index[b, :k] = d.indices
+            delta[b, :k] = d.delta.to(weight.dtype) if kind == "rows" else d.delta.T.to(weight.dtype)
+    return _Stacked(kind, index.to(weight.device), delta.to(weight.device))
+
+
+def _mixed_update(out: torch.Tensor, x: torch.Tensor, s: _Stacked) -> torch.Tensor:
+    """Add every row's own delta applied to its x to `out`, in place: one gather and one batched matmul-add (cols),
+    or one batched matmul and one scatter-add (rows).
+
+    x (B, T, d_in), out (B, T, d_out). cols: out += x[..., idx_b] @ delta_b^T; rows: out[..., idx_b] += x @ delta_b^T.
+    """
+    B, T = x.shape[0], x.shape[1]
+    K = s.index.shape[1]
+    if s.kind == "cols":
+        xs = x.gather(-1, s.index[:, None, :].expand(B, T, K))  # (B, T, K)
+        return out.baddbmm_(xs, s.delta.to(out.dtype)) if xs.dtype == out.dtype else \
+            out.add_(torch.bmm(xs, s.delta.to(xs.dtype)).to(out.dtype))  # (B, T, K) @ (B, K, d_out)
+    upd = torch.bmm(x, s.delta.to(x.dtype).transpose(1, 2))  # (B, T, d_in) @ (B, d_in, K) -> (B, T, K)
+    return out.scatter_add_(-1, s.index[:, None, :].expand(B, T, K), upd.to(out.dtype))
+
+
 @contextmanager
 def mixed_adapters(model: nn.Module, adapters: list, row_adapter):
     """One forward pass where batch row b uses adapters[row_adapter[b]] (-1: the base), without merging any.
 
-    Forward hooks on the adapted linears add each adapter's x @ delta^T to the outputs of its own batch rows.
+    Forward hooks on the adapted linears add each row's own delta to its outputs: the deltas the batch's rows use are
+    stacked once (per linear and kind, padded to the longest), so a linear costs one gather, one batched matmul and
+    one scatter however many adapters the batch mixes.
     """
     loaded = [_as_adapter(a, model) for a in adapters]
     ra = torch.as_tensor(row_adapter, dtype=torch.long).flatten()
     if len(ra) and (int(ra.min()) < -1 or int(ra.max()) >= len(loaded)):
         raise UserError(f"mixed_adapters: row_adapter values must be -1 or in [0, {len(loaded)})")
-    users: dict[str, list[tuple[torch.Tensor, SparseDelta]]] = {}
-    for i, a in enumerate(loaded):
-        batch_rows = (ra == i).nonzero().flatten()
-        if len(batch_rows) == 0:
-            continue
-        for name, d in a.modules.items():
-            users.setdefault(name, []).append((batch_rows, d))
+    used = sorted({int(i) for i in ra if i >= 0})
+    stacks: dict[str, list[_Stacked]] = {}
+    for name in sorted({n for i in used for n in loaded[i].modules}):
+        weight = _weight(model, name)
+        for kind in KINDS:
+            per_row = [None if i < 0 else loaded[i].modules.get(name) for i in ra.tolist()]
+            per_row = [d if d is not None and d.kind == kind else None for d in per_row]
+            if any(d is not None for d in per_row):
+                stacks.setdefault(name, []).append(_stack(kind, per_row, weight))
 
-    def make_hook(entries, weight):
-        entries = [(b.to(weight.device), SparseDelta(d.kind, d.indices.to(weight.device),
-                                                      d.delta.to(weight.device, weight.dtype))) for b, d in entries]
-
+    def make_hook(entries: list[_Stacked]):
         def hook(_module, args, out):
             x = args[0]  # (B, ..., d_in)
             if x.shape[0] != len(ra):
                 raise ValueError(f"mixed_adapters: batch has {x.shape[0]} rows, row_adapter {len(ra)}")
-            for b, d in entries:
-                xs = x.index_select(0, b)  # (nb, ..., d_in)
-                if d.kind == "cols":
-                    upd = xs.index_select(-1, d.indices) @ d.delta.T  # (nb, ..., d_out)
-                else:
-                    upd = out.new_zeros(xs.shape[:-1] + out.shape[-1:])  # (nb, ..., d_out)
-                    upd[..., d.indices] = xs @ d.delta.T  # (nb, ..., k) into the adapted rows
-                out = out.index_add(0, b, upd.to(out.dtype))
-            return out
+            shape = out.shape
+            x3, out3 = x.reshape(x.shape[0], -1, x.shape[-1]), out.reshape(shape[0], -1, shape[-1])
+            for s in entries:
+                out3 = _mixed_update(out3, x3, s)
+            return out3.reshape(shape)
         return hook
 
-    handles = [model.get_submodule(name).register_forward_hook(make_hook(entries, _weight(model, name)))
-               for name, entries in users.items()]
+    handles = [model.get_submodule(name).register_forward_hook(make_hook(entries))
+               for name, entries in stacks.items()]
     try:
         yield model
     finally:

@@ -2,8 +2,9 @@
 
 A prompt row is {"prompt": text} or {"messages": [{role, content}, ...]}, optionally with "adapter": the adapter's
 directory name, its index in the --adapter list, or "base". A row that names no adapter runs once with each adapter
-(or on the model alone when there is none). With S2FT adapters every batch mixes adapters row by row in one forward a
-decoding step (nothing is merged); adapters of other methods run one after another, each applied and removed.
+(or on the model alone when there is none). When every adapter's method can mix them (`Method.load_mixable`: S2FT),
+every batch mixes adapters row by row in one forward a decoding step (nothing is merged); otherwise the adapters run
+one after another, each applied and removed. An adapter made for another base is refused unless `force`.
 Other keys of a row (an id, say) are copied to its output record.
 """
 
@@ -94,16 +95,17 @@ def _ids(tokenizer: Any, req: Request, chat: bool) -> list[int]:
 
 def run_generation(model_path: str, requests: Sequence[Request], adapters: Sequence[str] = (),
                    sampling: Sampling = Sampling(), chat: bool = False, batch_size: int = 8,
-                   dtype: str = "float32", device: str = "auto") -> list[dict]:
+                   dtype: str = "float32", device: str = "auto", force: bool = False) -> list[dict]:
     """One output record a (prompt, adapter) pair, in input order: the row, "adapter", "completion", "stop_reason",
     "new_tokens"."""
     if not requests:
         raise UserError("generate: give --prompt TEXT or --prompts FILE")
     labels = adapter_labels(adapters)
     jobs = [(req, a) for req in requests for a in resolve_adapter(req.adapter, labels, req.where, adapters)]
-    from sparseft.export.apply import adapter_method
+    from sparseft.export.apply import adapter_applied, adapter_class, mixable_adapters
 
-    methods = [adapter_method(a) for a in adapters]  # a missing or malformed adapter fails before the model loads
+    for a in adapters:  # a missing or malformed adapter fails before the model loads
+        adapter_class(a)
     loaded = load_for_inference(model_path, dtype, device=device)
     if adapters and loaded.is_run:
         raise UserError(f"MODEL {model_path} is a run directory; adapters apply to a base model")
@@ -111,11 +113,9 @@ def run_generation(model_path: str, requests: Sequence[Request], adapters: Seque
     ids = [_ids(tok, req, chat) for req, _ in jobs]
     which = [a for _, a in jobs]
 
-    if adapters and all(m == "s2ft" for m in methods):
-        from sparseft.export.sparse_adapters import load_sparse_adapter
-
-        loaded_adapters = [load_sparse_adapter(a, model) for a in adapters]
-        outputs = generate(model, tok, ids, sampling, batch_size, adapters=loaded_adapters, row_adapter=which)
+    mixed = mixable_adapters(model, adapters, force) if adapters else None
+    if mixed is not None:
+        outputs = generate(model, tok, ids, sampling, batch_size, adapters=mixed, row_adapter=which)
     else:
         outputs = [None] * len(jobs)
         for a in sorted(set(which)):
@@ -123,9 +123,7 @@ def run_generation(model_path: str, requests: Sequence[Request], adapters: Seque
             if a == BASE:
                 outs = generate(model, tok, [ids[i] for i in rows], sampling, batch_size)
             else:
-                from sparseft.export.apply import adapter_applied
-
-                with adapter_applied(model, adapters[a]) as adapted:
+                with adapter_applied(model, adapters[a], force) as adapted:
                     outs = generate(adapted, tok, [ids[i] for i in rows], sampling, batch_size)
             for i, o in zip(rows, outs):
                 outputs[i] = o

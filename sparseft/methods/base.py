@@ -6,9 +6,10 @@ method writes only what it changes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,9 +27,16 @@ class MethodConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+@contextlib.contextmanager
+def whole_parameters(params: Sequence[nn.Parameter], modify: bool = False):
+    """Parameters that are whole already (one process, ZeRO-0/1/2): nothing to gather."""
+    yield
+
+
 @dataclass
 class MethodContext:
-    """What a method may use while selecting and preparing, besides the model."""
+    """What a method may use while selecting and preparing, besides the model. Methods take what they need from the
+    trainer through here and never import sparseft.train."""
 
     recipe: "Recipe"
     tokenizer: Any = None
@@ -41,6 +49,13 @@ class MethodContext:
     # sparseft/train/precision.py).
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     master_dtype: torch.dtype | None = None
+    # `with full_parameters(params, modify=False):` each of params holds its full value inside, also where the engine
+    # keeps only a partition of it (DeepSpeed ZeRO-3); with modify=True what rank 0 writes is kept on every rank.
+    # A collective: every rank enters alike. The trainer passes its engine's; the default gathers nothing.
+    full_parameters: Callable[..., ContextManager] = whole_parameters
+    # The trainer's learning-rate multiplier of optimizer step k (warmup and decay over train.max_steps); None
+    # outside training.
+    lr_factor: Callable[[int], float] | None = None
 
 
 class Method:
@@ -96,6 +111,12 @@ class Method:
 
         return causal_lm_loss(model, batch), {}
 
+    def steps_to_steady_state(self) -> int:
+        """Optimizer steps after which every trainable parameter has stepped once (its optimizer state exists), so
+        a step's time and memory are typical from then on; a benchmark warms up at least this long. Call after
+        prepare."""
+        return 1
+
     def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Called before the micro-batches of optimizer step `step` (0-based)."""
 
@@ -122,6 +143,33 @@ class Method:
     def save_adapter(self, model: nn.Module, out_dir: Path, base_model: str) -> dict:
         """Write the adapter tensors (and any method files) to `out_dir`; return the method's adapter_config fields."""
         raise UserError(f"method {self.name!r} has no adapter form; export it with --merged")
+
+    def base_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The untouched base weights, in the base model's layout, of the modules the adapter changes (module path ->
+        weight), read from the prepared `model`; an adapter records their fingerprint (sparseft/export/fingerprint.py)
+        so it is never applied to another base."""
+        return {}
+
+    # --- applying an adapter to a base model (no run directory, no recipe) -----------------------------------------
+    # The method named in an adapter's config is looked up in the registry, so applying and serving never branch on
+    # a method's name: a new method is one folder.
+    # File with sparseft's own adapter fields (method, base_model, fingerprint ...); a method whose adapter_config.json
+    # belongs to another library (PEFT) writes them beside it instead.
+    metadata_file: ClassVar[str] = "adapter_config.json"
+
+    @classmethod
+    def apply_adapter(cls, model: nn.Module, path: Path) -> ContextManager[nn.Module]:
+        """A context manager: inside, the model with the adapter at `path` in effect (the module to call, which may
+        wrap `model`); on exit `model` is exactly the base again."""
+        raise UserError(f"adapter {path}: method {cls.name!r} cannot be applied to a base model here "
+                        "(export it with --merged instead)")
+
+    @classmethod
+    def load_mixable(cls, path: Path, model: nn.Module) -> Any:
+        """The adapter at `path`, loaded and checked against `model`, in the form that
+        sparseft.export.sparse_adapters.mixed_adapters runs row by row in one batch; None when this method's adapters
+        cannot be mixed (they are then applied one after another)."""
+        return None
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -154,8 +202,12 @@ def check_against_config(method: Method, recipe: "Recipe") -> bool:
     return skeleton is not None
 
 
-def build_method(cfg: MethodConfig) -> Method:
-    name = getattr(cfg, "name", None)
+def method_class(name: str, where: str = "method.name") -> type[Method]:
+    """The registered method called `name`; a UserError naming `where` (a key or a file) when none is."""
     if name not in _REGISTRY:
-        raise UserError(f"method.name={name!r}: unknown method (known: {', '.join(method_names())})")
-    return _REGISTRY[name](cfg)
+        raise UserError(f"{where}={name!r}: unknown method (known: {', '.join(method_names())})")
+    return _REGISTRY[name]
+
+
+def build_method(cfg: MethodConfig) -> Method:
+    return method_class(getattr(cfg, "name", None))(cfg)

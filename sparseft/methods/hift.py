@@ -17,7 +17,9 @@ One step trains one group:
   copy is made.
 - The learning-rate schedule is the trainer's, over optimizer steps: step k runs at lr * lr_factor(k) whichever group
   is active, and warmup and decay end at train.max_steps. (HiFT's public code advanced its scheduler once a cycle but
-  sized it for every step, so its LR barely decayed.)
+  sized it for every step, so its LR barely decayed.) With `schedule_unit: cycle` (the paper's delayed schedule) every
+  step of cycle c runs at lr * lr_factor(c * number of groups), so all groups of a cycle train at one rate, and the
+  schedule still ends at train.max_steps.
 - The group is set in on_step_start, before the step's micro-batches, so gradient accumulation sums every micro-batch
   into the same group.
 
@@ -57,6 +59,17 @@ class HiFTConfig(MethodConfig):
     seed: int | None = Field(None, description="Seed of the random order; null uses train.seed.")
     offload: bool = Field(True, description="Hold the optimizer state of inactive groups in CPU memory "
                                             "(a no-op when training on CPU).")
+    group_by: Literal["units", "parameters"] = Field(
+        "units",
+        description="units: group_size consecutive units a group; parameters: as many groups (units / group_size, "
+                    "rounded up), consecutive units split so the largest group holds as few parameters as possible "
+                    "(an embedding table as large as several blocks then trains alone).",
+    )
+    schedule_unit: Literal["step", "cycle"] = Field(
+        "step",
+        description="step: the learning rate follows the trainer's schedule step by step; cycle (the HiFT paper): it "
+                    "is held for a whole cycle, every group of a cycle training at the rate of the cycle's first step.",
+    )
 
 
 _MASTER = "_master"  # key of a parked fp32 master beside the parked optimizer state of a weight
@@ -90,6 +103,37 @@ def group_units(n_units: int, group_size: int) -> list[list[int]]:
     return [list(range(i, min(i + group_size, n_units))) for i in range(0, n_units, group_size)]
 
 
+def balanced_groups(sizes: list[int], n_groups: int) -> list[list[int]]:
+    """Consecutive units split into `n_groups` non-empty groups, bottom up, whose largest parameter count (the sum
+    of `sizes` over a group) is the smallest possible. The smallest feasible cap is found by bisection, filling
+    groups greedily from the bottom; groups are then split from the top until there are exactly n_groups (splitting
+    never raises the largest)."""
+    n_groups = min(n_groups, len(sizes))
+
+    def fill(cap: int) -> list[list[int]]:
+        groups, total = [[]], 0
+        for i, size in enumerate(sizes):
+            if groups[-1] and total + size > cap:
+                groups.append([])
+                total = 0
+            groups[-1].append(i)
+            total += size
+        return groups
+
+    lo, hi = max(sizes), sum(sizes)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(fill(mid)) <= n_groups:
+            hi = mid
+        else:
+            lo = mid + 1
+    groups = fill(lo)
+    while len(groups) < n_groups:
+        i = max(j for j, g in enumerate(groups) if len(g) > 1)
+        groups[i:i + 1] = [groups[i][:-1], groups[i][-1:]]
+    return groups
+
+
 @register
 class HiFT(Method):
     config_cls = HiFTConfig
@@ -111,13 +155,21 @@ class HiFT(Method):
         self._device = torch.device("cpu")
         self._ready: dict[str, dict] = {}  # name -> parked state already on its way to the device (prefetched)
         self._copy_stream = None
+        self._lr_factor = None  # the trainer's schedule (MethodContext.lr_factor), for schedule_unit: cycle
 
     # --- before training -------------------------------------------------------------------------------------------
     def select(self, model: nn.Module, ctx: MethodContext) -> dict:
         recipe = ctx.recipe
         seed = self.cfg.seed if self.cfg.seed is not None else (recipe.train.seed if recipe is not None else 0)
         units = build_units(model)
-        return {"units": units, "groups": group_units(len(units), self.cfg.group_size), "seed": seed}
+        n_groups = -(-len(units) // self.cfg.group_size)
+        if self.cfg.group_by == "parameters":
+            params = dict(model.named_parameters())
+            sizes = [sum(params[n].numel() for n in u["params"]) for u in units]
+            groups = balanced_groups(sizes, n_groups)
+        else:
+            groups = group_units(len(units), self.cfg.group_size)
+        return {"units": units, "groups": groups, "seed": seed}
 
     def prepare(self, model: nn.Module, selection: dict, ctx: MethodContext) -> nn.Module:
         """Learn the groups. Every weight requires grad until the first step, so an engine built now (DeepSpeed's ZeRO
@@ -139,7 +191,25 @@ class HiFT(Method):
         layout = ", ".join("+".join(units[u]["name"] for u in g) for g in selection["groups"])
         ctx.log(f"hift: {len(units)} units in {len(self._groups)} groups ({layout}); order {self.cfg.order}; "
                 f"{min(sizes):,} to {max(sizes):,} parameters train a step")
+        starved = self.starved_groups()
+        if starved:
+            names = ", ".join("+".join(units[u]["name"] for u in selection["groups"][g]) for g in starved)
+            ctx.log(f"hift: warning: train.max_steps={self._max_steps} is shorter than one cycle of {self.num_groups} "
+                    f"groups; {len(starved)} group(s) never train: {names}. Raise train.max_steps to at least "
+                    f"{self.num_groups}, or raise group_size")
+        self._lr_factor = ctx.lr_factor if self.cfg.schedule_unit == "cycle" else None
         return model
+
+    def steps_to_steady_state(self) -> int:
+        """One whole cycle: until then some groups have no optimizer state yet."""
+        return self.num_groups
+
+    def starved_groups(self) -> list[int]:
+        """Groups that no step of the run trains (all of them train once the run has a whole cycle)."""
+        if self._max_steps is None or self._max_steps >= self.num_groups:
+            return []
+        trained = {self.group_at(s) for s in range(self._max_steps)}
+        return [g for g in range(self.num_groups) if g not in trained]
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """Every weight trains (one group a step), so all of them are the optimizer's and every checkpoint's."""
@@ -201,6 +271,10 @@ class HiFT(Method):
         for pg in optimizer.param_groups:
             if "hift_group" in pg:
                 pg["active"] = pg["hift_group"] == g
+            if self._lr_factor is not None and "initial_lr" in pg:
+                # The cycle's rate: the schedule read at the cycle's first step (the trainer's scheduler sets
+                # initial_lr * factor(step) after every step; this overrides it before the optimizer steps).
+                pg["lr"] = pg["initial_lr"] * self._lr_factor(step - step % self.num_groups)
         self._swap_state(optimizer, g)
         self._active = g
         if self.num_groups > 1:

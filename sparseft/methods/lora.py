@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
+import torch
 import torch.nn as nn
 from pydantic import Field
 
 from sparseft.errors import UserError
+from sparseft.export.adapter_files import METADATA_NAME
 from sparseft.methods.base import Method, MethodConfig, register
+
+_PEFT_PREFIX = "base_model.model."  # where PeftModel puts the wrapped model's module paths
 
 
 class LoraConfig(MethodConfig):
@@ -27,6 +32,8 @@ class LoraConfig(MethodConfig):
 class Lora(Method):
     config_cls = LoraConfig
     has_adapter = True
+    # adapter_config.json is exactly PEFT's (PEFT warns about keys it does not know); sparseft's fields go here.
+    metadata_file = METADATA_NAME
 
     def check(self, model: nn.Module) -> None:
         """Every target module names linear layers of the model."""
@@ -56,3 +63,25 @@ class Lora(Method):
         model.peft_config["default"].base_model_name_or_path = base_model
         model.save_pretrained(str(out_dir))
         return {}  # rank, alpha and targets are in PEFT's own keys
+
+    def base_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        from peft.tuners.lora import LoraLayer
+
+        return {n.removeprefix(_PEFT_PREFIX): m.get_base_layer().weight for n, m in model.named_modules()
+                if isinstance(m, LoraLayer)}
+
+    @classmethod
+    @contextmanager
+    def apply_adapter(cls, model: nn.Module, path: Path):
+        """PEFT wraps the model; unloading it on exit gives the base back."""
+        from peft import PeftModel
+
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(path))
+        except Exception as e:
+            raise UserError(f"adapter {path}: PEFT cannot load it onto this model ({str(e).splitlines()[0]})") from None
+        peft_model.eval()
+        try:
+            yield peft_model
+        finally:
+            peft_model.unload()

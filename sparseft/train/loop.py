@@ -24,11 +24,12 @@ from sparseft.models import load_model, load_tokenizer
 from sparseft.recipe import Recipe, recipe_to_yaml
 from sparseft.train.checkpoint import (TRAINABLE, RunDir, load_engine_state, load_method_state, load_trainable,
                                        prune_checkpoints, read_meta, save_state, set_rng_state)
-from sparseft.train.distributed import DeepSpeedEngine, Ranks, SilentReporter, rank_batches, start_ranks
+from sparseft.train.distributed import (DeepSpeedEngine, Ranks, SilentReporter, full_parameters, rank_batches,
+                                       start_ranks)
 from sparseft.train.guard import NonFiniteGuard
 from sparseft.train.resume import batch_meta, resume_batch, same_recipe
 from sparseft.train.signals import StopSignals, signal_name
-from sparseft.train.optim import Engine
+from sparseft.train.optim import Engine, lr_factor
 from sparseft.train.precision import describe, keep_masters, peak_memory_mb, resolve_device, resolve_precision
 from sparseft.train.report import Reporter, plot_loss
 from sparseft.train.trackers import check_trackers, open_trackers
@@ -88,7 +89,8 @@ def _train(recipe: Recipe, resume: bool, overwrite: bool, reporter_console, stop
     method = build_method(recipe.method)
     # Under DeepSpeed its bf16 path keeps the fp32 masters (and casts the module), so methods keep none of their own.
     ctx = MethodContext(recipe=recipe, tokenizer=tokenizer, calibration_batches=calibration, run_dir=run.path,
-                        device=device, master_dtype=None if ranks.launched else precision.master_dtype)
+                        device=device, master_dtype=None if ranks.launched else precision.master_dtype,
+                        full_parameters=full_parameters, lr_factor=lambda k: lr_factor(k, t))
     meta = read_meta(ckpt) if ckpt else {"step": 0, "examples_seen": 0}
     reporter = Reporter(run.metrics, t.max_steps, meta["step"], reporter_console,
                         open_trackers(recipe, run.path, meta["step"])) if ranks.is_main else SilentReporter()

@@ -50,3 +50,16 @@ def test_bench_rejects_unknown_entries(tmp_path, tiny_model_dir):
     recipe = write_recipe(tmp_path, tiny_model_dir("mistral"), S2FT)
     result = CliRunner().invoke(app, ["bench", str(recipe), "--methods", "full,turbo"])
     assert result.exit_code == 2 and "turbo" in result.output
+
+
+@pytest.mark.slow
+def test_hift_is_measured_after_a_whole_cycle(tmp_path, tiny_model_dir):
+    """Issue 17, item 6: before a whole cycle some HiFT groups have no optimizer state, so the bench warms up (and
+    times) at least one cycle whatever --warmup / --steps say."""
+    from sparseft.bench.worker import train_steps
+
+    recipe = write_recipe(tmp_path, tiny_model_dir("mistral"), {"name": "hift"})  # 2 blocks, untied: 4 groups
+    out = train_steps(str(recipe), "hift", 2, 1, {})
+    assert out["warmup_steps"] == 4 and out["timed_steps"] == 4 and len(out["step_s"]) == 4
+    full = train_steps(str(recipe), "full", 2, 1, {})
+    assert full["warmup_steps"] == 1 and full["timed_steps"] == 2

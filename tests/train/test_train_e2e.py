@@ -116,8 +116,10 @@ def test_lora_adapter_loads_with_peft(tmp_path, tiny_model_dir):
     cli("train", recipe)
     cli("export", tmp_path / "run", "--adapter", tmp_path / "adapter", "--merged", tmp_path / "merged")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["method"] == "lora" and cfg["format_version"] == 1
-    assert cfg["base_model"] == base_dir
+    assert cfg["peft_type"] == "LORA" and "method" not in cfg  # exactly PEFT's file (issue 17)
+    meta = json.loads((tmp_path / "adapter" / "sparseft_adapter.json").read_text())
+    assert meta["method"] == "lora" and meta["format_version"] == 1
+    assert meta["base_model"] == base_dir
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()

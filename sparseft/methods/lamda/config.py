@@ -57,6 +57,12 @@ class LamdaConfig(MethodConfig):
                     "B0 S0 is subtracted in the adapter path, so the model still starts exactly as the base.",
     )
     scale: float = Field(1.0, gt=0, description="Multiplier of the adapter path: y = W x + scale * B S A x.")
+    svd: Literal["full", "lowrank"] = Field(
+        "full",
+        description="How the start is computed. full: one exact SVD a linear (LaMDA++ reads its spectrum from the "
+                    "same one); lowrank: torch.svd_lowrank's randomised top-r vectors (seeded), far cheaper for large "
+                    "weights (LaMDA++ then computes the singular values alone first).",
+    )
     freeze_b: FreezeB = Field(default_factory=FreezeB,
                               description="Schedule that freezes B: {start, end, order}, fractions of train.max_steps.")
 

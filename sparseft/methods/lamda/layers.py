@@ -12,16 +12,17 @@ NAMES = ("lamda_A", "lamda_S", "lamda_B", "lamda_start")  # tensor names in the 
 class LamdaLinear(nn.Module):
     """Wraps an `nn.Linear`: y = W x + scale * (B S - B0 S0) A x.
 
-    `lamda_A` (r, d_in, PMA) is a buffer: it never trains. `lamda_S` (r, r) and `lamda_B` (d_out, r, PMB) are the
-    parameters. `lamda_start` (d_out, r) = B0 S0 is the frozen start subtracted for init "spectrum" (None for "zero",
-    where S0 = 0). Column j of B is direction j (singular value j, descending). `freeze_directions` freezes columns for
-    good: their values are copied aside (`b_frozen`) and the forward takes them from there, as constants, so they get
-    an exactly zero gradient and nothing an optimizer does to B's storage (momentum, weight decay) reaches the model's
-    output; `restore_frozen`, after each optimizer step, writes the frozen values back into B, so B as saved and
-    exported holds them. Once every column is frozen, B stops requiring grad and a torch optimizer's state for it is
-    deleted. This needs nothing from the optimizer, so it holds where the optimizer keeps B's master copy and moments
-    in flat partitions of its own (DeepSpeed ZeRO-1/2/3; under ZeRO-3, which keeps only a partition of B outside the
-    forward pass, LaMDA gathers B around both calls).
+    `lamda_A` (r, d_in, PMA) is a buffer: it never trains. `lamda_S` (r, r) is a parameter, and B (d_out, r, PMB) is
+    r parameters, one a column (`lamda_B_cols`, column j = direction j, singular value j, descending), read whole as
+    `lamda_B`. `lamda_start` (d_out, r) = B0 S0 is the frozen start subtracted for init "spectrum" (None for "zero",
+    where S0 = 0).
+
+    `freeze_directions` freezes columns for good: a frozen column stops requiring grad, so it gets no gradient and its
+    optimizer state is deleted at once (a torch optimizer then skips it: no update, no moments, no memory). Where the
+    optimizer does not hold the column itself but a flat copy of its own (DeepSpeed ZeRO-1/2/3 keep master weights
+    and moments in flat partitions, which cannot shrink), the column's value is pinned instead and `restore_frozen`
+    writes it back after each optimizer step, whatever the step did to it (under ZeRO-3, which keeps only a partition
+    of each column outside the forward pass, LaMDA gathers the columns around both calls).
     """
 
     def __init__(self, base_layer: nn.Linear, lamda_A: torch.Tensor, lamda_S: torch.Tensor, lamda_B: torch.Tensor,
@@ -39,13 +40,13 @@ class LamdaLinear(nn.Module):
         w = base_layer.weight
         self.register_buffer("lamda_A", lamda_A.detach().to(w.device, w.dtype).clone())
         self.lamda_S = nn.Parameter(lamda_S.detach().to(w.device, w.dtype).clone())
-        self.lamda_B = nn.Parameter(lamda_B.detach().to(w.device, w.dtype).clone())
+        b = lamda_B.detach().to(w.device, w.dtype)
+        self.lamda_B_cols = nn.ParameterList([nn.Parameter(b[:, j].clone()) for j in range(rank)])  # r x (d_out,)
         start = None if lamda_start is None else lamda_start.detach().to(w.device, w.dtype).clone()
         self.register_buffer("lamda_start", start)
         # Freezing state, rebuilt from the step on resume (see LaMDA.on_step_start), so not saved.
-        self.register_buffer("frozen", torch.zeros(rank, dtype=torch.bool, device=w.device), persistent=False)
-        self.register_buffer("b_frozen", torch.zeros_like(self.lamda_B.detach()), persistent=False)
-        self.n_frozen = 0  # int(frozen.sum()), kept on the host so the forward needs no device sync
+        self.frozen = [False] * rank
+        self.pinned: dict[int, torch.Tensor] = {}  # column -> its frozen value, where the optimizer may still move it
 
     # Read-only views of the base layer, for code that inspects a linear's attributes.
     weight = property(lambda self: self.base_layer.weight)
@@ -53,15 +54,18 @@ class LamdaLinear(nn.Module):
     in_features = property(lambda self: self.base_layer.in_features)
     out_features = property(lambda self: self.base_layer.out_features)
 
+    @property
+    def lamda_B(self) -> torch.Tensor:
+        """B (d_out, r), stacked from its columns (frozen ones enter as constants: they require no grad)."""
+        return torch.stack(list(self.lamda_B_cols), dim=1)
+
+    @property
+    def n_frozen(self) -> int:
+        return sum(self.frozen)
+
     def up(self) -> torch.Tensor:
-        """B S - B0 S0 (d_out, r); frozen columns of B enter as constants (their frozen values), so they get no
-        gradient."""
-        b = self.lamda_B
-        if self.n_frozen == self.rank:
-            b = self.b_frozen
-        elif self.n_frozen:
-            b = torch.where(self.frozen, self.b_frozen, b)
-        m = b @ self.lamda_S
+        """B S - B0 S0 (d_out, r)."""
+        m = self.lamda_B @ self.lamda_S
         return m if self.lamda_start is None else m - self.lamda_start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,37 +73,36 @@ class LamdaLinear(nn.Module):
         return self.base_layer(x) + self.scale * F.linear(h, self.up())
 
     def trainable_count(self) -> int:
-        """Parameters that receive updates now: S always, B's unfrozen columns while B trains."""
+        """Parameters that receive updates now: S always, B's unfrozen columns."""
         return self.rank * self.rank + self.d_out * (self.rank - self.n_frozen)  # (ZeRO-3 empties the parameters)
 
-    def freezes_new(self, cols: torch.Tensor) -> bool:
-        """Whether `freeze_directions(cols)` would freeze a column not frozen yet."""
-        return bool((cols.to(self.frozen.device) & ~self.frozen).any())
+    def new_columns(self, cols: torch.Tensor) -> list[nn.Parameter]:
+        """The columns `freeze_directions(cols)` would freeze that are not frozen yet."""
+        return [self.lamda_B_cols[j] for j, c in enumerate(cols.tolist()) if c and not self.frozen[j]]
 
     @torch.no_grad()
     def freeze_directions(self, cols: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
-        """Freeze B's columns where `cols` (bool, (r,)) is True, on top of those frozen already. Reads B (under
-        ZeRO-3 the caller gathers it)."""
-        b = self.lamda_B
-        if self.b_frozen.dtype != b.dtype:  # B became an fp32 master after this layer was built (mixed precision)
-            self.b_frozen = self.b_frozen.to(b.dtype)
-        new = cols.to(self.frozen.device) & ~self.frozen
-        if bool(new.any()):
-            self.b_frozen[:, new] = b[:, new]
-            self.frozen |= new
-            self.n_frozen = int(self.frozen.sum())
-        if self.n_frozen == self.rank and b.requires_grad:
-            b.requires_grad_(False)
-            b.grad = None
-            if optimizer is not None:
-                optimizer.state.pop(b, None)  # a no-op where the optimizer holds a flat copy instead of B
+        """Freeze B's columns where `cols` (bool, (r,)) is True, on top of those frozen already. Reads the new
+        columns where the optimizer cannot drop them (under ZeRO-3 the caller gathers them)."""
+        new = [j for j, c in enumerate(cols.tolist()) if c and not self.frozen[j]]
+        if not new:
+            return
+        held = set() if optimizer is None else {id(q) for g in optimizer.param_groups for q in g["params"]}
+        for j in new:
+            col = self.lamda_B_cols[j]
+            self.frozen[j] = True
+            col.requires_grad_(False)
+            col.grad = None
+            if id(col) in held:
+                optimizer.state.pop(col, None)  # its moments are freed now, and the optimizer skips it from here on
+            else:
+                self.pinned[j] = col.detach().clone()
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
-        """After an optimizer step: write the frozen columns' values back into B, whatever the step did to them
-        (under ZeRO-3 the caller gathers B for writing)."""
-        if self.n_frozen:
-            self.lamda_B[:, self.frozen] = self.b_frozen[:, self.frozen]
+        """After an optimizer step: write pinned columns back (under ZeRO-3 the caller gathers them for writing)."""
+        for j, value in self.pinned.items():
+            self.lamda_B_cols[j].copy_(value)
 
     def adapter_tensors(self) -> dict[str, torch.Tensor]:
         out = {"lamda_A": self.lamda_A, "lamda_S": self.lamda_S, "lamda_B": self.lamda_B}

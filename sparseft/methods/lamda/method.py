@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn as nn
@@ -21,7 +22,7 @@ from sparseft.export.adapter_files import write_adapter
 from sparseft.methods.base import Method, MethodContext, register
 from sparseft.methods.lamda.config import LamdaConfig
 from sparseft.methods.lamda.layers import NAMES, LamdaLinear
-from sparseft.methods.lamda.spectrum import allocate_ranks, effective_rank, singular_values, svd_start
+from sparseft.methods.lamda.spectrum import allocate_ranks, effective_rank, singular_values, svd_start, top_svd
 from sparseft.models.arch import ArchSpec, arch_of, set_module
 
 INIT_FILE = "lamda_init.safetensors"
@@ -33,6 +34,7 @@ class _Prepared:
     paths: list[str]
     start_step: int  # B's directions start freezing at this optimizer step
     end_step: int  # B is wholly frozen from this step
+    full_parameters: Callable[..., ContextManager]  # the engine's gather (MethodContext.full_parameters)
 
 
 def frozen_count(step: int, rank: int, start_step: int, end_step: int) -> int:
@@ -92,17 +94,29 @@ class Lamda(Method):
         caps = self._caps(model)
         selection: dict = {"projections": list(cfg.projections), "rank_allocation": cfg.rank_allocation,
                            "init": cfg.init}
+        factors: dict[str, tuple] = {}
         if cfg.rank_allocation == "uniform":
             ranks = {p: cfg.r for p in linears}
         else:
             budget = self._budget(len(linears))
-            erank = {p: effective_rank(singular_values(m.weight)) for p, m in linears.items()}
+            erank = {}
+            for p, m in linears.items():
+                if cfg.svd == "full":
+                    # One SVD a linear: its values give the spectrum, its vectors (as many as this linear's rank can
+                    # reach) are kept for the start.
+                    most = min(caps[p], budget - len(linears) + 1)
+                    u, sigma, vh = top_svd(m.weight, caps[p], "full")
+                    factors[p] = (u[:, :most].clone(), sigma, vh[:most].clone())
+                    erank[p] = effective_rank(sigma)
+                else:
+                    erank[p] = effective_rank(singular_values(m.weight))
             ranks = dict(zip(linears, allocate_ranks(list(erank.values()), budget, list(caps.values()))))
             selection.update(budget=budget, effective_rank={p: round(e, 3) for p, e in erank.items()})
         selection["ranks"] = ranks
+        selection["svd"] = cfg.svd
         start = {}
         for p, m in linears.items():
-            for name, t in svd_start(m.weight, ranks[p], cfg.init, cfg.scale).items():
+            for name, t in svd_start(m.weight, ranks[p], cfg.init, cfg.scale, cfg.svd, factors.pop(p, None)).items():
                 start[f"{p}.{name}"] = t
         self._start = (id(model), start)
         if ctx.run_dir is not None:
@@ -127,7 +141,8 @@ class Lamda(Method):
             set_module(model, p, LamdaLinear(m, scale=self.cfg.scale, **tensors))
         steps = ctx.recipe.train.max_steps
         fb = self.cfg.freeze_b
-        setattr(model, _STATE, _Prepared(list(linears), round(fb.start * steps), round(fb.end * steps)))
+        setattr(model, _STATE, _Prepared(list(linears), round(fb.start * steps), round(fb.end * steps),
+                                         ctx.full_parameters))
         return model
 
     def _start_for(self, model, linears: dict[str, nn.Linear], ranks: dict[str, int], ctx) -> dict[str, torch.Tensor]:
@@ -150,7 +165,7 @@ class Lamda(Method):
         if path is not None:
             ctx.log(f"lamda: {path} is missing; recomputing the SVD start (identical only on the same machine)")
         return {f"{p}.{n}": t for p, m in linears.items()
-                for n, t in svd_start(m.weight, ranks[p], self.cfg.init, self.cfg.scale).items()}
+                for n, t in svd_start(m.weight, ranks[p], self.cfg.init, self.cfg.scale, self.cfg.svd).items()}
 
     def _state(self, model: nn.Module) -> _Prepared:
         state = getattr(model, _STATE, None)
@@ -162,14 +177,21 @@ class Lamda(Method):
         return [(p, model.get_submodule(p)) for p in self._state(model).paths]
 
     def trainable_parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        """S and B of every layer, B included after it freezes (checkpoints keep it, so a resumed run has it)."""
-        return {f"{p}.{n}": getattr(layer, n) for p, layer in self._layers(model) for n in ("lamda_S", "lamda_B")}
+        """S and B's columns of every layer, frozen columns included (checkpoints keep them, so a resumed run has
+        them)."""
+        return {f"{p}.{n}": q for p, layer in self._layers(model) for n, q in layer.named_parameters()
+                if not n.startswith("base_layer.")}
+
+    def optimizer_param_groups(self, model: nn.Module, weight_decay: float) -> list[dict]:
+        """S and B are left out of weight decay, whatever train.weight_decay says. Decay pulls them toward zero, not
+        toward their SVD start: with init spectrum it shrinks B S from B0 S0 and so strips W's top-r directions from
+        the model (measured: logits moved by 0.057 in 50 steps with a zero loss), and with either init it pulls B off
+        the singular vectors it starts from."""
+        return [{"params": list(self.trainable_parameters(model).values()), "weight_decay": 0.0}]
 
     # --- during training -------------------------------------------------------------------------------------------
     def on_step_start(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Freeze the directions of B the schedule freezes by this step (idempotent, so resume rebuilds it)."""
-        from sparseft.train.distributed import full_parameters  # (sparseft.recipe imports the methods)
-
         state = self._state(model)
         wanted = []
         for _, layer in self._layers(model):
@@ -180,17 +202,16 @@ class Lamda(Method):
             else:
                 cols[layer.rank - n:] = True
             wanted.append((layer, cols))
-        # Freezing copies B's new frozen columns: under ZeRO-3, gather those B (all at once) to read them.
-        with full_parameters([layer.lamda_B for layer, cols in wanted if layer.freezes_new(cols)]):
+        # Freezing may copy B's new frozen columns: under ZeRO-3, gather those (all at once) to read them.
+        with state.full_parameters([c for layer, cols in wanted for c in layer.new_columns(cols)]):
             for layer, cols in wanted:
                 layer.freeze_directions(cols, optimizer)
 
     def on_step_end(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """Undo whatever the optimizer step did to frozen directions; log how many parameters trained in this step."""
-        from sparseft.train.distributed import full_parameters
-
         layers = [layer for _, layer in self._layers(model)]
-        with full_parameters([layer.lamda_B for layer in layers if layer.n_frozen], modify=True):
+        pinned = [layer.lamda_B_cols[j] for layer in layers for j in layer.pinned]
+        with self._state(model).full_parameters(pinned, modify=True):
             for layer in layers:
                 layer.restore_frozen()
         return {"trainable_params": sum(layer.trainable_count() for layer in layers)}
@@ -202,6 +223,15 @@ class Lamda(Method):
             set_module(model, p, layer.unwrap())
         delattr(model, _STATE)
         return model
+
+    def base_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return {p: layer.base_layer.weight for p, layer in self._layers(model)}
+
+    @classmethod
+    def apply_adapter(cls, model: nn.Module, path: Path):
+        from sparseft.methods.lamda.adapter import lamda_applied
+
+        return lamda_applied(model, path)
 
     def save_adapter(self, model: nn.Module, out_dir: Path, base_model: str) -> dict:
         tensors, ranks = {}, {}

@@ -57,18 +57,41 @@ def allocate_ranks(scores: list[float], budget: int, caps: list[int]) -> list[in
 
 
 @torch.no_grad()
-def svd_start(weight: torch.Tensor, rank: int, init: str, scale: float) -> dict[str, torch.Tensor]:
+def top_svd(weight: torch.Tensor, rank: int, how: str = "full") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U[:, :rank], sigma[:rank], V^T[:rank]) of a (d_out, d_in) weight in float32, descending.
+
+    how "full": torch.linalg.svd (exact; every singular value is computed). "lowrank": torch.svd_lowrank, a randomised
+    range finder with rank + 8 columns and 4 power iterations, seeded (0) and without touching the global RNG: far
+    cheaper when rank is much below min(d_out, d_in), and close to the top singular triplets of real weights, whose
+    spectra decay.
+    """
+    w = weight.detach().float()
+    if how == "full":
+        u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
+        return u[:, :rank], sigma[:rank], vh[:rank]
+    q = min(rank + 8, *w.shape)
+    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        u, sigma, v = torch.svd_lowrank(w, q=q, niter=4)
+    return u[:, :rank], sigma[:rank], v[:, :rank].T
+
+
+@torch.no_grad()
+def svd_start(weight: torch.Tensor, rank: int, init: str, scale: float, how: str = "full",
+              factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The start of one adapter from W = U diag(sigma) V^T (float32 SVD, cast back to the weight's dtype):
 
     lamda_A = V^T[:r] (r, d_in), lamda_B = U[:, :r] (d_out, r), and lamda_S (r, r) = 0 for init "zero" or
     diag(sigma[:r]) / scale for init "spectrum". For "spectrum", lamda_start = B0 S0 (d_out, r) is the frozen term the
-    layer subtracts, so scale * (B S - B0 S0) A is exactly zero at the start.
+    layer subtracts, so scale * (B S - B0 S0) A is exactly zero at the start. `factors`: top singular triplets
+    computed already (at least `rank` of them; LaMDA++ computes them with the spectrum), else `how` computes them.
     """
-    u, sigma, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    u, sigma, vh = factors if factors is not None else top_svd(weight, rank, how)
+    u, sigma, vh = u[:, :rank], sigma[:rank], vh[:rank]
     dtype = weight.dtype
-    out = {"lamda_A": vh[:rank].to(dtype).contiguous(), "lamda_B": u[:, :rank].to(dtype).contiguous()}
+    out = {"lamda_A": vh.to(dtype).contiguous(), "lamda_B": u.to(dtype).contiguous()}
     if init == "spectrum":
-        out["lamda_S"] = torch.diag(sigma[:rank] / scale).to(dtype)
+        out["lamda_S"] = torch.diag(sigma / scale).to(dtype)
         out["lamda_start"] = out["lamda_B"] @ out["lamda_S"]  # the same product the layer computes from B and S
     else:
         out["lamda_S"] = torch.zeros(rank, rank, dtype=dtype, device=weight.device)

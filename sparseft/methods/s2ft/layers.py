@@ -5,11 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from sparseft.kernels.partial_linear import KINDS, Kind, exact_delta, leading_slice, plus_delta, slice_linear
+from sparseft.kernels.partial_linear import (KINDS, Kind, exact_delta, plus_delta, read_slice, slice_linear,
+                                             write_slice)
 
 
 class SliceLinear(nn.Module):
-    """Wraps a (co-permuted) `nn.Linear`; its first k output rows (kind="rows") or input columns (kind="cols") train.
+    """Wraps a (co-permuted) `nn.Linear`; its first k output rows (kind="rows") or input columns (kind="cols") train,
+    or with `index` those rows / columns (S2FT's q_head unit: o's columns of single q heads, in place).
 
     `trainable` holds the slice values themselves (not a delta), as an ordinary parameter that DeepSpeed and any
     optimizer can own; it never shares storage with the frozen weight. `base_slice` keeps the initial slice so deltas
@@ -18,17 +20,21 @@ class SliceLinear(nn.Module):
     results, never that region.
     """
 
-    def __init__(self, base_layer: nn.Linear, kind: Kind, k: int):
+    def __init__(self, base_layer: nn.Linear, kind: Kind, k: int, index: torch.Tensor | None = None):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r}: must be one of {KINDS}")
         size = base_layer.out_features if kind == "rows" else base_layer.in_features
         if not 0 < k <= size:
             raise ValueError(f"k={k}: must be in [1, {size}] for kind={kind!r} of {base_layer}")
+        if index is not None and (len(index) != k or int(index.max()) >= size):
+            raise ValueError(f"index: {k} distinct {kind} of {base_layer} expected")
         base_layer.requires_grad_(False)
         self.base_layer = base_layer
         self.kind, self.k = kind, k
-        initial = leading_slice(base_layer.weight, kind, k).detach()  # (k, d_in) rows | (d_out, k) cols
+        idx = None if index is None else torch.as_tensor(index, dtype=torch.long, device=base_layer.weight.device)
+        self.register_buffer("index", idx, persistent=False)  # None: the leading k
+        initial = read_slice(base_layer.weight, kind, k, idx).detach()  # (k, d_in) rows | (d_out, k) cols
         self.trainable = nn.Parameter(initial.clone())
         # Not persistent: it equals the base model's slice, which the base checkpoint already holds.
         self.register_buffer("base_slice", initial.clone(), persistent=False)
@@ -51,7 +57,7 @@ class SliceLinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return slice_linear(x, self.base_layer.weight, self.trainable, self.base_layer.bias, self.kind)
+        return slice_linear(x, self.base_layer.weight, self.trainable, self.base_layer.bias, self.kind, self.index)
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
@@ -68,13 +74,20 @@ class SliceLinear(nn.Module):
         what the forward computes with.
         """
         w = self.base_layer.weight.detach().clone()  # (d_out, d_in); its slice region is overwritten below
-        leading_slice(w, self.kind, self.k).copy_(plus_delta(self.base_slice, self.delta()))
+        write_slice(w, plus_delta(self.base_slice, self.delta()), self.kind, self.k, self.index)
+        return w
+
+    @torch.no_grad()
+    def base_weight(self) -> torch.Tensor:
+        """A new full weight as the base had it (in this layer's coordinates): the start slice back in place."""
+        w = self.base_layer.weight.detach().clone()
+        write_slice(w, self.base_slice, self.kind, self.k, self.index)
         return w
 
     @torch.no_grad()
     def unwrap(self) -> nn.Linear:
         """The base layer with the merged slice written into its weight (in place); it stays frozen."""
-        leading_slice(self.base_layer.weight, self.kind, self.k).copy_(plus_delta(self.base_slice, self.delta()))
+        write_slice(self.base_layer.weight, plus_delta(self.base_slice, self.delta()), self.kind, self.k, self.index)
         return self.base_layer
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
-"""S2FT: select kv groups and FFN channels, co-permute them to the front of each block, train them as dense slices.
+"""S2FT: select kv groups (or q heads) and FFN channels, co-permute them to the front of each block, train them as
+dense slices (q heads' o columns are trained in place, indexed).
 
 Export undoes the permutation: the merged model is in the base layout, and the adapter stores each trained slice's
 delta with its row / column indices in the base model's own coordinates.
@@ -6,6 +7,7 @@ delta with its row / column indices in the base model's own coordinates.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +18,8 @@ from sparseft.export.adapter_files import write_adapter
 from sparseft.methods.base import Method, MethodContext, register
 from sparseft.methods.s2ft.config import S2FTConfig
 from sparseft.methods.s2ft.layers import SliceLinear
-from sparseft.methods.s2ft.permute import Orders, expand, layer_orders, permute_model
-from sparseft.methods.s2ft.select import UNIT, budgets, check_selection, select_units, summary
+from sparseft.methods.s2ft.permute import Orders, expand, layer_orders, permute_model, unpermuted
+from sparseft.methods.s2ft.select import budgets, check_selection, select_units, summary, unit_shape
 from sparseft.models.arch import ATTN_ROLES, COL_ROLES, ArchSpec, arch_of, set_module
 
 # Attribute on a prepared model: what merged() and save_adapter() need to undo prepare(), whichever Method instance
@@ -68,11 +70,14 @@ class S2FT(Method):
         wrapped = []
         for layer in range(spec.num_layers):
             for role in selection["projections"]:
-                k = len(_units(selection, layer, role)) * spec.unit_size(role)
-                if k == 0:
+                units, size = _units(selection, layer, role), unit_shape(spec, role, selection["unit"])[1]
+                if not units:
                     continue
                 kind = "cols" if role in COL_ROLES else "rows"
-                set_module(model, spec.proj_path(layer, role), SliceLinear(spec.proj(model, layer, role), kind, k))
+                # Permuted units are the leading slice; q_head units stay in place and are indexed.
+                index = expand(units, size) if role in ATTN_ROLES and selection["unit"] == "q_head" else None
+                layer_module = SliceLinear(spec.proj(model, layer, role), kind, len(units) * size, index)
+                set_module(model, spec.proj_path(layer, role), layer_module)
                 wrapped.append((layer, role))
         setattr(model, _STATE, _Prepared(spec, selection, orders, wrapped))
         return model
@@ -103,7 +108,7 @@ class S2FT(Method):
             sl: SliceLinear = model.get_submodule(path)
             # The slice holds the selected units in ascending base order (unit_order), so expanding that list gives
             # the base index of each of the slice's rows / columns.
-            idx = expand(_units(state.selection, layer, role), state.spec.unit_size(role))
+            idx = expand(_units(state.selection, layer, role), unit_shape(state.spec, role, state.selection["unit"])[1])
             assert len(idx) == sl.k
             tensors[f"{path}.delta"] = sl.delta()
             tensors[f"{path}.{sl.kind}"] = idx
@@ -113,13 +118,14 @@ class S2FT(Method):
         state = self._state(model)
         tensors = self.adapter_tensors(model)
         sel = state.selection
-        layers = {str(layer): {"kv_groups": _units(sel, layer, "o"), "num_channels": len(_units(sel, layer, "down"))}
+        heads_key = "q_heads" if sel["unit"] == "q_head" else "kv_groups"
+        layers = {str(layer): {heads_key: _units(sel, layer, "o"), "num_channels": len(_units(sel, layer, "down"))}
                   for layer in range(state.spec.num_layers)}
         fields = {
             "method": "s2ft",
             "base_model": base_model,
             "projections": list(sel["projections"]),
-            "unit": UNIT,
+            "unit": sel["unit"],
             "head_dim": state.spec.head_dim,
             "q_heads_per_kv_group": state.spec.group_size,
             "layers": layers,
@@ -127,3 +133,34 @@ class S2FT(Method):
         }
         write_adapter(out_dir, tensors, fields)
         return fields
+
+    def base_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Each wrapped linear's weight as the base had it: its start slice back in place, the permutation undone."""
+        state = self._state(model)
+        out = {}
+        for layer, role in state.wrapped:
+            path = state.spec.proj_path(layer, role)
+            sl: SliceLinear = model.get_submodule(path)
+            out[path] = unpermuted(sl.base_weight(), state.spec, state.orders, layer, role)
+        return out
+
+    @classmethod
+    @contextmanager
+    def apply_adapter(cls, model: nn.Module, path: Path):
+        """Fuse the deltas into the base weights; the touched rows and columns are restored bit for bit on exit."""
+        from sparseft.export.sparse_adapters import fuse, load_sparse_adapter, unfuse
+
+        adapter = fuse(model, load_sparse_adapter(path))  # (the caller checked the base fingerprint)
+        try:
+            yield model
+        finally:
+            unfuse(model, adapter)
+
+    @classmethod
+    def load_mixable(cls, path: Path, model: nn.Module):
+        """S2FT adapters mix row by row in one batch (sparseft/export/sparse_adapters.py: mixed_adapters)."""
+        from sparseft.export.sparse_adapters import load_sparse_adapter
+
+        adapter = load_sparse_adapter(path)  # (the caller checked the base fingerprint)
+        adapter.check(model)
+        return adapter

@@ -31,7 +31,9 @@ def unit_order(selected: list[int], n: int) -> list[int] | None:
 def layer_orders(selection: dict, spec: ArchSpec) -> Orders:
     out: Orders = {}
     for layer in range(spec.num_layers):
-        heads = unit_order(selection["heads"].get(str(layer), []), spec.num_kv_heads)
+        # q_head units train o's columns where they are: moving single q heads would break GQA's q->kv pairing.
+        heads = None if selection.get("unit") == "q_head" else \
+            unit_order(selection["heads"].get(str(layer), []), spec.num_kv_heads)
         chans = unit_order(selection["channels"].get(str(layer), []), spec.intermediate_size)
         if heads is not None or chans is not None:
             out[layer] = (heads, chans)
@@ -75,3 +77,13 @@ def permute_model(model: nn.Module, spec: ArchSpec, orders: Orders, inverse: boo
             heads = invert(heads) if heads is not None else None
             chans = invert(chans) if chans is not None else None
         permute_block(model, spec, layer, heads, chans)
+
+
+def unpermuted(weight: torch.Tensor, spec: ArchSpec, orders: Orders, layer: int, role: str) -> torch.Tensor:
+    """A copy of one permuted projection's weight in the base layout (its layer's co-permutation undone)."""
+    heads, chans = orders.get(layer, (None, None))
+    order = heads if role in _ATTN_DIMS else chans
+    if order is None:
+        return weight.clone()
+    dim = _ATTN_DIMS[role] if role in _ATTN_DIMS else _MLP_DIMS[role]
+    return weight.index_select(dim, expand(invert(order), spec.unit_size(role)).to(weight.device))

@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 
 from tests.helpers import cli, write_recipe
 
-# r 6 over q, v, down of 2 layers (LaMDA++ budget 36); B freezes from step 2 and wholly at step 8 of 10.
+# r 6 over q, v, down of 2 layers (LaMDA++ budget 36); B freezes from step 2 and wholly at step 8 of 10. The losses
+# changed when S and B left weight decay (issue 17).
 METHOD = {"name": "lamda", "r": 6, "rank_allocation": "spectrum", "init": "spectrum", "projections": ["q", "v", "down"],
           "freeze_b": {"start": 0.2, "end": 0.8}}
 TRAIN = {"max_steps": 10, "save_every": 4, "grad_accum_steps": 2, "weight_decay": 0.1, "lr": 5e-3, "warmup_steps": 2,
          "schedule": "linear"}
-GOLDEN = [5.97144, 5.92206, 5.90103, 5.93467, 5.83554, 5.85981, 5.83242, 5.84237, 5.83921, 5.862]
+GOLDEN = [5.97144, 5.92205, 5.90097, 5.93462, 5.83541, 5.85966, 5.83215, 5.84211, 5.83899, 5.86166]
 
 
 def test_resume_mid_freeze_export_and_eval(tmp_path, tiny_model_dir):

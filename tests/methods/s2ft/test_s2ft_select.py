@@ -90,7 +90,8 @@ def test_global_scope_ranks_across_layers(load):
         _scale_unit(model, 0, g, None)
     for c in (5, 9, 11):
         _scale_unit(model, 1, None, c)
-    glob = select(model, strategy="weight", scope="global", heads={"count": 2}, channels={"count": 3})
+    glob = select(model, strategy="weight", scope="global", normalize="none", heads={"count": 2},
+                  channels={"count": 3})
     assert glob["heads"] == {"0": [1, 2], "1": []}
     assert glob["channels"] == {"0": [], "1": [5, 9, 11]}
     per = select(model, strategy="weight", heads={"count": 2}, channels={"count": 3})
@@ -184,3 +185,63 @@ def test_gradient_without_labels_predicts_the_input(load):
     got_heads, got_chans = select_module.gradient_scores(model, arch_of(model), ["o", "down"], unlabelled)
     torch.testing.assert_close(got_heads, heads, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(got_chans, chans, rtol=1e-4, atol=1e-8)
+
+
+def test_global_scope_normalises_scores_per_layer(load):
+    """Issue 17, item 8: a layer whose weights are all larger takes the whole raw budget; normalised per layer, the
+    units that stand out of their own layer win, and rank shares the budget evenly."""
+    from sparseft.methods.s2ft.select import normalized
+
+    model = load("mistral")  # 2 layers, 2 kv groups, 128 channels
+    spec = arch_of(model)
+    with torch.no_grad():
+        for role in ("o", "down"):
+            spec.proj(model, 0, role).weight.mul_(10.0)  # layer 0: every score 10x
+    _scale_unit(model, 1, None, 7, by=5.0)  # one channel of layer 1 stands far out of its layer
+    method = dict(strategy="weight", scope="global", heads={"count": 2}, channels={"count": 8})
+    raw = select(model, normalize="none", **method)
+    assert raw["channels"]["1"] == [] and len(raw["channels"]["0"]) == 8, "raw scores: layer 0 takes everything"
+    assert raw["heads"] == {"0": [0, 1], "1": []}
+    z = select(model, normalize="zscore", **method)
+    assert 7 in z["channels"]["1"] and z["channels"]["0"], z["channels"]
+    assert z["normalize"] == "zscore"
+    ranked = select(model, normalize="rank", **method)
+    assert len(ranked["channels"]["0"]) == len(ranked["channels"]["1"]) == 4
+    assert len(ranked["heads"]["0"]) == len(ranked["heads"]["1"]) == 1
+    scores = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 40.0]], dtype=torch.float64)
+    assert torch.allclose(normalized(scores, "rank"), torch.tensor([[0, 0.5, 1], [0, 0.5, 1]], dtype=torch.float64))
+    z = normalized(scores, "zscore")
+    assert torch.allclose(z.mean(1), torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(z.std(1, correction=0), torch.ones(2, dtype=torch.float64))
+    with pytest.raises(UserError):
+        recipe(normalize="softmax")
+
+
+@pytest.mark.parametrize("unit", ["kv_group", "q_head"])
+def test_gradient_scores_match_dense_autograd(load, unit):
+    """Issue 17, item 9: scores accumulated in hooks (no weight gradient kept) equal per-unit norms of each batch's
+    dense weight gradient, squared and summed over batches."""
+    from sparseft.methods.s2ft.select import _unit_sq, gradient_scores
+    from tests.helpers import random_batches
+
+    model = load("qwen3")
+    spec = arch_of(model)
+    roles = ["o", "down"] if unit == "q_head" else ["q", "k", "o", "up", "down"]
+    batches = random_batches(model.config.vocab_size, 2, batch=2, seed=4)
+    heads, chans = gradient_scores(model, spec, roles, batches, unit)
+    assert all(p.grad is None for p in model.parameters())
+
+    ref_h, ref_c = torch.zeros_like(heads), torch.zeros_like(chans)
+    weights = {(layer, role): spec.proj(model, layer, role).weight for layer in range(spec.num_layers) for role in roles}
+    model.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    model.eval()
+    for b in batches:
+        model.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+        for (layer, role), w in weights.items():
+            (ref_h if role in ("q", "k", "v", "o") else ref_c)[layer] += _unit_sq(w.grad, spec, role, unit).double()
+    torch.testing.assert_close(heads, ref_h.sqrt(), rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(chans, ref_c.sqrt(), rtol=1e-4, atol=1e-9)
+    assert heads.shape[1] == (spec.num_heads if unit == "q_head" else spec.num_kv_heads)
