@@ -90,4 +90,5 @@ def forward_inputs(batch: dict[str, torch.Tensor]) -> dict:
     (transformers looks for packed sequences only then, and only without a cache; see the module docstring)."""
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    mask = {"attention_mask": batch["attention_mask"]} if "attention_mask" in batch else {}
+    return {"input_ids": batch["input_ids"], **mask, "use_cache": False}

@@ -123,12 +123,14 @@ def test_lamda_merged_export_is_the_independent_formula_bit_for_bit(tmp_path, ti
     init = load_file(str(run / "lamda_init.safetensors"))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=_storage(dtype)).state_dict()
     expected = _base_state(model, dtype)
-    paths = sorted({k.rsplit(".", 1)[0] for k in trained})
-    assert paths and all(trained[f"{p}.lamda_S"].dtype == torch.float32 for p in paths)
+    paths = sorted({k.rsplit(".lamda_", 1)[0] for k in trained})
+    assert paths and all(t.dtype == torch.float32 for t in trained.values())
     for p in paths:
         w = expected[p + ".weight"]
         a = init[f"{p}.lamda_A"].to(w.dtype).float()  # A and B0 S0 live in the storage dtype in the model
-        m = trained[f"{p}.lamda_B"] @ trained[f"{p}.lamda_S"]  # fp32 (d_out, r)
+        s = trained[f"{p}.lamda_S"]
+        b = torch.stack([trained[f"{p}.lamda_B_cols.{j}"] for j in range(s.shape[0])], dim=1)  # (d_out, r), fp32
+        m = b @ s  # fp32 (d_out, r)
         if f"{p}.lamda_start" in init:
             m = m - init[f"{p}.lamda_start"].to(w.dtype).float()
         w.copy_((w.float() + 2.0 * (m @ a)).to(w.dtype))

@@ -62,21 +62,19 @@ def activation_scores(model, batches: list[dict]) -> tuple[torch.Tensor, torch.T
 
 
 def gradient_scores(model, roles: list[str], batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, kv groups), (L, channels): L2 norm over the listed projections of each unit's loss gradient, the gradient
-    summed over the batches (each batch's mean token loss)."""
+    """(L, kv groups), (L, channels): over the listed projections, the root of the sum over batches of each unit's
+    squared L2 norm of that batch's loss gradient (each batch's mean token loss), as the selection defines it (no
+    full weight gradient outlives its batch)."""
     model = copy.deepcopy(model).eval()
     cfg = model.config
     weights = [(i, role, layer.get_submodule(PROJ[role]).weight)
                for i, layer in enumerate(model.model.layers) for role in roles]
-    total = [torch.zeros_like(w, dtype=torch.float64) for _, _, w in weights]
-    for b in batches:
-        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-        for t, g in zip(total, torch.autograd.grad(loss, [w for _, _, w in weights])):
-            t += g.double()
     heads = torch.zeros(cfg.num_hidden_layers, cfg.num_key_value_heads, dtype=torch.float64)
     chans = torch.zeros(cfg.num_hidden_layers, cfg.intermediate_size, dtype=torch.float64)
-    for (i, role, _), grad in zip(weights, total):
-        (heads if role in ("q", "k", "v", "o") else chans)[i] += _unit_sq(grad, unit_ranges(cfg, role))
+    for b in batches:
+        loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        for (i, role, _), g in zip(weights, torch.autograd.grad(loss, [w for _, _, w in weights])):
+            (heads if role in ("q", "k", "v", "o") else chans)[i] += _unit_sq(g.double(), unit_ranges(cfg, role))
     return heads.sqrt(), chans.sqrt()
 
 
