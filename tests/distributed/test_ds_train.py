@@ -118,7 +118,11 @@ def test_two_ranks_equal_one_process(runs, method, tmp_path):
         for k in ra.keys() - {"tokens_per_s", "elapsed_s", "peak_mem_mb"}:
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-4), (ra["step"], k, ra[k], rb[k])
     uninterrupted = load_file(str(ranks / "final-uninterrupted" / "trainable.safetensors"))
-    assert_close(uninterrupted, load_file(str(single / "final" / "trainable.safetensors")), atol=1e-4)
+    # HiFT under ZeRO-3 with CPU offload: one element of 8,192 in one matrix ends 1.03e-4 from one process (the same
+    # on the commit before this one). AdamW's early updates are close to lr * sign(g), so a near-zero gradient summed
+    # in another order moves its weight by up to lr; the losses and gradient norms above still agree to 1e-4.
+    weights_atol = 2e-4 if method == "hift-zero3" else 1e-4
+    assert_close(uninterrupted, load_file(str(single / "final" / "trainable.safetensors")), atol=weights_atol)
     # Resuming on the same ranks continues exactly.
     assert_close(load_file(str(ranks / "final" / "trainable.safetensors")), uninterrupted, atol=1e-6)
     # The checkpoint is the single-process format: full optimizer state per parameter, equal to one process's.
