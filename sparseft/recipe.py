@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from sparseft.errors import UserError
 from sparseft.methods import MethodConfig
@@ -29,10 +29,19 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    path: str = Field(description="Local directory of a Hugging Face causal LM, or a hub id (only when online).")
+    path: str = Field(description="Local directory of a Hugging Face causal LM, a .gguf file (dequantized on load, "
+                                  "tokenizer from the file; needs sparseft[gguf]), or a hub id (only when online).")
+    gguf_file: str | None = Field(None, description="With model.path a directory: the .gguf file in it to load.")
     tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to model.path.")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Dtype the weights are loaded and trained in.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
+
+    @model_validator(mode="after")
+    def _gguf_path(self):
+        # Every loader reads model.path alone, so a directory + gguf_file resolves once, here, to the file itself.
+        if self.gguf_file is not None and not self.path.lower().endswith(".gguf"):
+            object.__setattr__(self, "path", str(Path(self.path) / self.gguf_file))
+        return self
 
 
 class DataFile(Section):
