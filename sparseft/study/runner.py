@@ -41,7 +41,8 @@ def run_study(study: Study, quick: bool = False, log=print, keep_runs: bool = Fa
     limit = study.quick.limit if quick else None
     began = time.perf_counter()
 
-    base_key = point_key(Point("base", "-", 0.0, points[0].recipe, (model, str(limit))), task_files)
+    # The base model's scores depend on the model and the tasks only (the gain task file stands in for a recipe).
+    base_key = point_key(Point("base", "-", 0.0, task_files[0], (model, str(limit))), task_files)
     base = _cached(out / "base.json", base_key)
     if base is None:
         log(f"scoring the base model {model}")
