@@ -42,16 +42,20 @@ def _check_file(directory: Path, name: str, key: str) -> Path:
     return f
 
 
+def _read(auto_class, what: str, directory: Path, name: str, key: str, **kwargs):
+    """`auto_class.from_pretrained` on the GGUF file; what transformers cannot read becomes one UserError."""
+    f = _check_file(directory, name, key)
+    try:
+        return auto_class.from_pretrained(str(directory), gguf_file=name, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UserError(f"{key}={f}: cannot read {what} from it ({str(e).splitlines()[0]})") from None
+
+
 def load_gguf_tokenizer(directory: Path, name: str, key: str = "model.path"):
     """The tokenizer stored in the GGUF file, with a pad token (the EOS token where it has none)."""
     from transformers import AutoTokenizer
 
-    _check_file(directory, name, key)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(directory), gguf_file=name)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{key}={directory / name}: cannot read a tokenizer from it ({str(e).splitlines()[0]})") \
-            from None
+    tok = _read(AutoTokenizer, "a tokenizer", directory, name, key)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -81,24 +85,14 @@ def load_gguf_model(directory: Path, name: str, dtype: torch.dtype, key: str = "
     """The causal LM in the GGUF file, dequantized into `dtype`, as a plain (exportable) Hugging Face model."""
     from transformers import AutoModelForCausalLM
 
-    f = _check_file(directory, name, key)
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise UserError(f"{key}={f}: cannot load a causal LM from it ({str(e).splitlines()[0]})") from None
-    return plain_model(loaded, dtype)
+    return plain_model(_read(AutoModelForCausalLM, "a causal LM", directory, name, key, dtype=torch.float32), dtype)
 
 
 def gguf_config(directory: Path, name: str, key: str = "model.path"):
     """The model's config as read from the GGUF file's metadata (no tensor is dequantized)."""
     from transformers import AutoConfig
 
-    _check_file(directory, name, key)
-    try:
-        config = AutoConfig.from_pretrained(str(directory), gguf_file=name)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"{key}={directory / name}: cannot read a model config from it ({str(e).splitlines()[0]})") \
-            from None
+    config = _read(AutoConfig, "a model config", directory, name, key)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     return config

@@ -126,3 +126,13 @@ def test_bad_study_files_name_the_key(tmp_path):
     assert res.exit_code == 2 and "grid.0.lrs" in res.output and "colour" in res.output
     res = CliRunner().invoke(app, ["study", str(STUDY), "--quick", "quick=null"])
     assert res.exit_code == 2
+
+
+TASKS = sorted((ROOT / "recipes" / "smollm2" / "tasks").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TASKS, ids=[p.stem for p in TASKS])
+def test_smollm2_tasks_validate(path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0 and f"eval task {path.stem}" in res.output, res.output
