@@ -107,8 +107,8 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def grid_points(study: Study, quick: bool) -> list[Point]:
-    """Every (method, budget, lr) of the grid, in rounds: first each row's middle learning rate, then the others, so
-    a study stopped early has every method. --quick keeps the first budget and the middle learning rate of each row
+    """Every (method, budget, lr) of the grid, in rounds: each row's first budget at its middle learning rate, then
+    its other budgets at that rate, then the other rates; so a study stopped early has every method. --quick keeps the first budget and the middle learning rate of each row
     and puts the quick model and overrides on top."""
     if quick and study.quick is None:
         raise UserError("--quick: the study file has no `quick` section (model, overrides, limit)")
@@ -117,13 +117,13 @@ def grid_points(study: Study, quick: bool) -> list[Point]:
     for e in study.grid:
         budgets = list(e.budgets.items())[:1] if quick else e.budgets.items()
         middle = len(e.lrs) // 2
-        for budget, budget_overrides in budgets:
+        for b, (budget, budget_overrides) in enumerate(budgets):
             for i, lr in enumerate(e.lrs):
                 if quick and i != middle:
                     continue
                 p = Point(e.method, budget, lr, e.recipe, (*study.overrides, *budget_overrides, *extra, f"train.lr={lr}"))
-                points.append((i != middle, len(points), p))
-    return [p for *_, p in sorted(points, key=lambda t: t[:2])]
+                points.append((i != middle, b, len(points), p))
+    return [p for *_, p in sorted(points, key=lambda t: t[:3])]
 
 
 def point_key(point: Point, task_files: list[str]) -> str:
