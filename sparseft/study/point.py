@@ -85,6 +85,9 @@ def _child(job: str, out: str, args: tuple) -> None:
         res = train_and_score(*args) if job == "point" else {"scores": score(*args)}
     except BaseException as e:  # recorded as the point's failure; the study goes on with the next point
         res = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+    # CPU seconds of this process (all its threads): on a shared machine, a truer measure of the work than wall time.
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    res["cpu_s"] = usage.ru_utime + usage.ru_stime
     Path(out).write_text(json.dumps(res, indent=1) + "\n")
 
 

@@ -96,18 +96,22 @@ def read_claims(base: dict, results: list[dict]) -> list[dict]:
     return claims
 
 
+def _num(r: dict, key: str, fmt: str) -> str:
+    return format(r[key], fmt) if r.get(key) is not None else "-"
+
+
 def table_markdown(base: dict, results: list[dict]) -> str:
     head = ("| method | budget | lr | trainable | % | gain (skill EM) | retention (capitals EM) | English ppl | "
-            "s / step | peak MiB | wall s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+            "s / step | peak MiB | wall s | CPU s |\n|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     rows = [f"| base | - | - | 0 | 0 | {base['gain']:.3f} | {base['retention']:.3f} | {base['perplexity']:.2f} "
-            f"| - | - | - |"]
+            f"| - | - | - | {_num(base, 'cpu_s', '.0f')} |"]
     for r in results:
         if "error" in r:
-            rows.append(f"| {r['method']} | {r['budget']} | {r['lr']:g} | failed: {r['error'][:80]} |||||||")
+            rows.append(f"| {r['method']} | {r['budget']} | {r['lr']:g} | failed: {r['error'][:80]} ||||||||")
             continue
         rows.append(f"| {r['method']} | {r['budget']} | {r['lr']:g} | {r['trainable']:,} | {r['trainable_pct']:.2f} "
-                    f"| {r['gain']:.3f} | {r['retention']:.3f} | {r['perplexity']:.2f} | {r['step_s']:.2f} "
-                    f"| {r['peak_mib']:,.0f} | {r['wall_s']:.0f} |")
+                    f"| {r['gain']:.3f} | {r['retention']:.3f} | {r['perplexity']:.2f} | {_num(r, 'step_s', '.2f')} "
+                    f"| {r['peak_mib']:,.0f} | {r['wall_s']:.0f} | {_num(r, 'cpu_s', '.0f')} |")
     return head + "\n".join(rows) + "\n"
 
 
@@ -160,13 +164,16 @@ def write_report(out: Path, base: dict, results: list[dict], planned: list[str],
     done = [r for r in results if "error" not in r]
     claims = read_claims(base, results)
     points_wall = sum(r.get("wall_s", 0.0) for r in results)
+    points_cpu = sum(r.get("cpu_s", 0.0) for r in results)
     payload = {"quick": quick, "planned": len(planned), "finished": len(done), "failed": len(results) - len(done),
-               "points_wall_s": points_wall, "session_wall_s": wall_s, "base": base, "points": results,
-               "pareto": [r["id"] for r in pareto(results)], "claims": claims, "tolerance": TOLERANCE}
+               "points_wall_s": points_wall, "points_cpu_s": points_cpu, "session_wall_s": wall_s, "base": base,
+               "points": results, "pareto": [r["id"] for r in pareto(results)], "claims": claims,
+               "tolerance": TOLERANCE}
     (out / "study.json").write_text(json.dumps(payload, indent=1) + "\n")
     lines = [f"# Study{' (--quick)' if quick else ''}: {len(done)} of {len(planned)} points finished"
              f"{f', {len(results) - len(done)} failed' if len(results) > len(done) else ''}; "
-             f"points took {points_wall / 60:.1f} min in all", "", f"Base model: {base['model']}", "",
+             f"points took {points_wall / 60:.1f} min in all ({points_cpu / 60:.1f} CPU min)", "",
+             f"Base model: {base['model']}", "",
              table_markdown(base, results), "## The claims, read against the best learning rate of each method "
              f"and budget (tolerance {TOLERANCE} exact match)", ""]
     for c in claims:

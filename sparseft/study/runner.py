@@ -49,7 +49,7 @@ def run_study(study: Study, quick: bool = False, log=print, keep_runs: bool = Fa
         base = in_child("score", out / "base.json", model, task_files, limit)
         if "error" in base:
             raise UserError(f"study: scoring the base model {model} failed: {base['error']}")
-        base = {"key": base_key, "model": model, **base["scores"]}
+        base = {"key": base_key, "model": model, **base["scores"], "cpu_s": base["cpu_s"]}
         (out / "base.json").write_text(json.dumps(base, indent=1) + "\n")
 
     results = []

@@ -108,8 +108,8 @@ def load_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 def grid_points(study: Study, quick: bool) -> list[Point]:
     """Every (method, budget, lr) of the grid, in rounds: each row's first budget at its middle learning rate, then
-    its other budgets at that rate, then the other rates; so a study stopped early has every method. --quick keeps the first budget and the middle learning rate of each row
-    and puts the quick model and overrides on top."""
+    its other budgets at that rate, then the other rates; so a study stopped early has every method. --quick keeps
+    the first budget and the middle learning rate of each row and puts the quick model and overrides on top."""
     if quick and study.quick is None:
         raise UserError("--quick: the study file has no `quick` section (model, overrides, limit)")
     extra = [f"model.path={study.quick.model}", *study.quick.overrides] if quick else []
@@ -121,8 +121,8 @@ def grid_points(study: Study, quick: bool) -> list[Point]:
             for i, lr in enumerate(e.lrs):
                 if quick and i != middle:
                     continue
-                p = Point(e.method, budget, lr, e.recipe, (*study.overrides, *budget_overrides, *extra, f"train.lr={lr}"))
-                points.append((i != middle, b, len(points), p))
+                overrides = (*study.overrides, *budget_overrides, *extra, f"train.lr={lr}")
+                points.append((i != middle, b, len(points), Point(e.method, budget, lr, e.recipe, overrides)))
     return [p for *_, p in sorted(points, key=lambda t: t[:3])]
 
 
