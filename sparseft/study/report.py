@@ -127,12 +127,13 @@ def plot(base: dict, results: list[dict], out: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     ok = _ok(results)
     methods = list(dict.fromkeys(r["method"] for r in ok))
     colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
     markers = "osD^v<>"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), dpi=120)
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.6), dpi=120)
     for ax, (xkey, xlabel) in zip(axes, [("retention", "retention: capitals exact match (higher is better)"),
                                          ("perplexity", "retention: English perplexity (lower is better)")]):
         for m in methods:
@@ -148,14 +149,15 @@ def plot(base: dict, results: list[dict], out: Path, title: str) -> None:
                         label="Pareto front")
         else:
             ax.invert_xaxis()
+        ax.xaxis.set_major_locator(MaxNLocator(5))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("gain: skill exact match, held-out prompts")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
-    fig.legend(uniq.values(), uniq.keys(), loc="center right", fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
+    fig.legend(uniq.values(), uniq.keys(), loc="center left", bbox_to_anchor=(0.87, 0.5), fontsize=7, frameon=False)
     fig.savefig(out)
     plt.close(fig)
 
