@@ -91,12 +91,21 @@ def _child(job: str, out: str, args: tuple) -> None:
     Path(out).write_text(json.dumps(res, indent=1) + "\n")
 
 
+def _context():
+    """A fork server: a clean process that imported torch and sparseft once and forks each point from there. Forking
+    the caller itself can deadlock when it already ran threads (torch's pools, tokenizers); spawning would import
+    torch again for every point."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "transformers", "sparseft.study.point"])
+    return ctx
+
+
 def in_child(job: str, out: Path, *args) -> dict:
-    """Run `job` ("point" or "score") in a forked process and return what it wrote to `out`."""
+    """Run `job` ("point" or "score") in a process of its own and return what it wrote to `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_suffix(".part")
     part.unlink(missing_ok=True)
-    proc = multiprocessing.get_context("fork").Process(target=_child, args=(job, str(part), args))
+    proc = _context().Process(target=_child, args=(job, str(part), args))
     proc.start()
     proc.join()
     if not part.is_file():
