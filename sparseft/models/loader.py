@@ -73,8 +73,10 @@ def model_skeleton(path: str, trust_remote_code: bool = False, key: str = "model
     if gguf is None:
         _check_source(path, key)  # a directory, with a config.json
     try:
-        config = gguf_config(*gguf, key=key) if gguf else AutoConfig.from_pretrained(path,
-                                                                                       trust_remote_code=trust_remote_code)
+        if gguf:
+            config = gguf_config(*gguf, key=key)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
