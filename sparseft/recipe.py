@@ -29,7 +29,9 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    path: str = Field(description="Local directory of a Hugging Face causal LM, or a hub id (only when online).")
+    path: str = Field(description="Local directory of a Hugging Face causal LM, a .gguf file (dequantized on load, "
+                                  "tokenizer from the file; needs sparseft[gguf]), or a hub id (only when online).")
+    gguf_file: str | None = Field(None, description="With model.path a directory: the .gguf file in it to load.")
     tokenizer: str | None = Field(None, description="Tokenizer directory or hub id; defaults to model.path.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Storage dtype of the model's weights as loaded (the frozen weights keep it). What the "
@@ -38,6 +40,13 @@ class ModelSection(Section):
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
         None, description="Attention kernel passed to transformers: eager, sdpa or flash_attention_2 (needs CUDA and "
                           "the flash-attn package); null lets transformers pick.")
+
+    @model_validator(mode="after")
+    def _gguf_path(self):
+        # Every loader reads model.path alone, so a directory + gguf_file resolves once, here, to the file itself.
+        if self.gguf_file is not None and not self.path.lower().endswith(".gguf"):
+            object.__setattr__(self, "path", str(Path(self.path) / self.gguf_file))
+        return self
 
 
 class DataFile(Section):

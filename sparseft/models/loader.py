@@ -1,4 +1,5 @@
-"""Load causal LMs and tokenizers from a local directory, or from the hub when online (HF_HUB_OFFLINE is respected)."""
+"""Load causal LMs and tokenizers from a local directory, a GGUF file (models/gguf.py), or from the hub when online
+(HF_HUB_OFFLINE is respected)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import torch
 
 from sparseft.errors import UserError
+from sparseft.models.gguf import gguf_config, gguf_source, load_gguf_model, load_gguf_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,6 +50,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, key: str = "model
     """The tokenizer, with a pad token (the EOS token where the tokenizer has none)."""
     from transformers import AutoTokenizer
 
+    if (gguf := gguf_source(path)) is not None:
+        return load_gguf_tokenizer(*gguf, key=key)
     _check_source(path, key)
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -65,9 +69,14 @@ def model_skeleton(path: str, trust_remote_code: bool = False, key: str = "model
 
     if not Path(path).expanduser().exists():
         return None
-    _check_source(path, key)  # a directory, with a config.json
+    gguf = gguf_source(path)
+    if gguf is None:
+        _check_source(path, key)  # a directory, with a config.json
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if gguf:
+            config = gguf_config(*gguf, key=key)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
@@ -97,6 +106,8 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     `attn_implementation` (None: transformers picks)."""
     from transformers import AutoModelForCausalLM
 
+    if (gguf := gguf_source(path)) is not None:
+        return load_gguf_model(*gguf, DTYPES[dtype], key=key)
     _check_source(path, key)
     check_attention(attn_implementation, device)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
