@@ -106,16 +106,19 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     `attn_implementation` (None: transformers picks)."""
     from transformers import AutoModelForCausalLM
 
-    if (gguf := gguf_source(path)) is not None:
-        return load_gguf_model(*gguf, DTYPES[dtype], key=key)
-    _check_source(path, key)
     check_attention(attn_implementation, device)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code,
-                                                     **extra)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{key}={path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
+    if (gguf := gguf_source(path)) is not None:
+        model = load_gguf_model(*gguf, DTYPES[dtype], key=key)
+        if attn_implementation:
+            model.set_attn_implementation(attn_implementation)
+    else:
+        _check_source(path, key)
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                         trust_remote_code=trust_remote_code, **extra)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{key}={path}: cannot load a causal LM ({str(e).splitlines()[0]})") from None
     if device is not None and torch.device(device).type != "cpu":
         model.to(device)
     return model
