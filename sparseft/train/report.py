@@ -56,6 +56,10 @@ class Reporter:
             self.trackers.results(payload)
 
     def close(self) -> None:
+        """End the display, metrics.jsonl and the trackers; a second call (the run's exit path after its end) does
+        nothing."""
+        if self._file.closed:
+            return
         if self.progress is not None:
             self.progress.stop()
         self._file.close()
