@@ -1,6 +1,6 @@
 """Study files: a grid of recipes x learning rates x budgets, and the three tasks every point is scored on.
 
-    # recipes/smollm2/study.yaml
+    # studies/smollm2.yaml
     output_dir: runs/study-smollm2
     overrides: [train.max_steps=48]             # applied to every point
     tasks:

@@ -17,8 +17,8 @@ from sparseft.study.report import pareto, read_claims
 from sparseft.study.spec import grid_points, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
-STUDY = ROOT / "recipes" / "smollm2" / "study.yaml"
-SMOL = sorted(p for p in (ROOT / "recipes" / "smollm2").glob("*.yaml") if p.name != "study.yaml")
+STUDY = ROOT / "studies" / "smollm2.yaml"
+SMOL = sorted((ROOT / "recipes" / "smollm2").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", SMOL, ids=[p.stem for p in SMOL])
