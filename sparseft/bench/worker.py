@@ -18,12 +18,7 @@ from pathlib import Path
 
 import torch
 
-
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from sparseft.train.precision import rss_mb
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -95,7 +90,7 @@ def train_steps(recipe_path: str, entry: str, steps: int, warmup: int, method_ov
     # and time as many steps (HiFT's groups differ in cost: a cycle's median); memory is the peak over timed steps.
     cycle = method.steps_to_steady_state()
     warmup, steps = max(warmup, cycle), max(steps, cycle)
-    rss_before = _rss_mb("VmRSS")
+    rss_before = rss_mb("VmRSS")
     times = []
     for i in range(warmup + steps):
         if i == warmup:
@@ -117,7 +112,7 @@ def train_steps(recipe_path: str, entry: str, steps: int, warmup: int, method_ov
         "tokens_per_s": int(batch["attention_mask"].sum()) / median, "device": str(where),
         "precision": precision.name, "peak_mem_mb": peak_memory_mb(where),
         "memory": "GPU allocated" if where.type == "cuda" else "RSS",
-        "peak_rss_mb": _rss_mb("VmHWM"), "rss_before_steps_mb": rss_before, "threads": torch.get_num_threads(),
+        "peak_rss_mb": rss_mb("VmHWM"), "rss_before_steps_mb": rss_before, "threads": torch.get_num_threads(),
         "warmup_steps": warmup, "timed_steps": steps,
     }
 

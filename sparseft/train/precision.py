@@ -109,18 +109,23 @@ def keep_masters(params: dict[str, nn.Parameter], precision: Precision) -> int:
     return moved
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since start (or the last reset): allocated device memory on a GPU, resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory from /proc/self/status (VmRSS now, VmHWM its peak), in MB; NaN off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since start (or the last reset): allocated device memory on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return rss_mb("VmHWM")
 
 
 def describe(device: torch.device, model_dtype: str, precision: Precision, launched: bool = False) -> str:
