@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sparseft.methods import MethodContext, build_method
-from sparseft.methods.squarehead.masks import MaskSet, pack, unpack
+from sparseft.methods.squarehead.masks import MaskSet
 from sparseft.methods.squarehead.prune import prune_count
 from tests.methods.squarehead.sq_testlib import copy_batch, prepared, recipe_for, tiny_llama, train_steps
 
@@ -134,19 +134,17 @@ def test_mask_set_by_hand():
         masks.load_state_dict({**masks.state_dict(), "c": masks.state_dict()["a"]})
 
 
-def test_masks_pack_to_bits_and_back():
-    """pack() stores a keep mask in 1 bit a weight (11 weights: 2 bytes); unpack() gives the same bool mask back, and a
-    MaskSet's state reloads to the same pruned positions. A single pruned weight is a sparsity of 1."""
-    keep = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1]], dtype=torch.bool)
-    bits = pack(keep)
-    assert bits.dtype == torch.uint8 and bits.numel() == 2
-    back = unpack(bits, (1, 11))
-    assert back.dtype == torch.bool and torch.equal(back, keep)
-    w = torch.nn.Parameter(torch.ones(1, 11))
-    masks, again = MaskSet({"w": w}), MaskSet({"w": torch.nn.Parameter(torch.ones(1, 11))})
+
+def test_mask_state_reloads_the_same_bool_masks():
+    """A MaskSet's state (bit-packed keep masks) reloads to the same pruned positions, as bool masks; and one pruned
+    weight alone is a sparsity of 1."""
+    keep = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1]], dtype=torch.bool)  # 11 weights: not a whole byte
+    masks = MaskSet({"w": torch.nn.Parameter(torch.ones(1, 11))})
+    again = MaskSet({"w": torch.nn.Parameter(torch.ones(1, 11))})
     masks.set({"w": keep})
     again.load_state_dict(masks.state_dict())
     assert again.pruned["w"].dtype == torch.bool and torch.equal(again.pruned["w"], ~keep)
+    assert torch.equal(again.params["w"].detach(), keep.float())
     one = MaskSet({"x": torch.nn.Parameter(torch.ones(1))})
     one.set({"x": torch.zeros(1, dtype=torch.bool)})
     assert one.sparsity() == 1.0

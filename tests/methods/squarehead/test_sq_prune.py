@@ -9,8 +9,8 @@ import torch
 from sparseft.methods.squarehead.config import Gradual, SquareHeadConfig
 from sparseft.methods.squarehead.masks import pack, unpack
 from sparseft.methods.squarehead.oneshot import prune_magnitude, prune_sparsegpt, target_linears
-from sparseft.methods.squarehead.prune import (cubic_sparsity, is_prune_step, magnitude_keep, prune_count,
-                                               sparsegpt)
+from sparseft.methods.squarehead.prune import (_inverse_cholesky, cubic_sparsity, is_prune_step, magnitude_keep,
+                                               prune_count, sparsegpt)
 from tests.methods.squarehead.sq_testlib import clone, copy_batch, tiny_llama
 
 
@@ -142,4 +142,15 @@ def test_mask_bits_round_trip():
     keep = torch.rand(7, 13, generator=torch.Generator().manual_seed(0)) > 0.4  # 91 bits: not a whole byte
     bits = pack(keep)
     assert bits.dtype == torch.uint8 and bits.numel() == 12
-    assert torch.equal(unpack(bits, (7, 13)), keep)
+    back = unpack(bits, (7, 13))
+    assert back.dtype == torch.bool and torch.equal(back, keep)  # torch.equal alone ignores the dtype
+
+
+def test_hessian_damping_grows_tenfold_six_times_at_most():
+    """H + damp * mean(diag H) * I with damp 0.01, 0.1, ... 1000 (six tries): H = diag(902, -900) (mean 1) first
+    factors at damp 1000, into U with U^T U = (H + 1000 I)^-1; H = diag(5002, -5000) would need a seventh try."""
+    upper = _inverse_cholesky(torch.diag(torch.tensor([902.0, -900.0])), 0.01)
+    assert torch.equal(upper, upper.triu())
+    assert torch.allclose(upper.T @ upper, torch.diag(torch.tensor([1 / 1902, 1 / 100])), rtol=1e-5)
+    with pytest.raises(RuntimeError, match="stays singular"):
+        _inverse_cholesky(torch.diag(torch.tensor([5002.0, -5000.0])), 0.01)
