@@ -154,3 +154,19 @@ def test_hessian_damping_grows_tenfold_six_times_at_most():
     assert torch.allclose(upper.T @ upper, torch.diag(torch.tensor([1 / 1902, 1 / 100])), rtol=1e-5)
     with pytest.raises(RuntimeError, match="stays singular"):
         _inverse_cholesky(torch.diag(torch.tensor([5002.0, -5000.0])), 0.01)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+@pytest.mark.parametrize("nm", [None, (2, 4)], ids=["unstructured", "2:4"])
+def test_sparsegpt_prunes_weights_of_dead_inputs_first(nm, scale):
+    """Weights of an input that was always zero cost nothing on the calibration data, so SparseGPT prunes them before
+    any other, whatever the scale of the activations. Unstructured, with one dead input of 8 and a budget of one
+    column, that column goes and nothing else changes (there is no error to compensate); 2:4 prunes it in its group."""
+    x = _correlated_inputs(256, 8) * scale
+    x[:, 3] = 0
+    w = torch.randn(4, 8, generator=torch.Generator().manual_seed(5))
+    new, keep = sparsegpt(w, _hessian(x), 1 / 8 if nm is None else 0.5, nm)
+    assert not keep[:, 3].any()
+    if nm is None:
+        assert torch.equal(keep, torch.arange(8).expand(4, 8) != 3)
+        assert torch.equal(new, w.masked_fill(~keep, 0.0))
