@@ -170,3 +170,42 @@ def test_sparsegpt_prunes_weights_of_dead_inputs_first(nm, scale):
     if nm is None:
         assert torch.equal(keep, torch.arange(8).expand(4, 8) != 3)
         assert torch.equal(new, w.masked_fill(~keep, 0.0))
+
+
+def _sparsegpt_plain(w: torch.Tensor, h: torch.Tensor, sparsity: float, block: int, damp: float = 0.01):
+    """SparseGPT written the plain way: H^-1 by torch.linalg.inv, every pruning error spread at once over all the
+    columns to its right (no lazy batch), dead inputs zeroed up front as in the paper's code; the mask of each block of
+    `block` columns from its share of the layer's count, chosen when the block is reached."""
+    w, h = w.clone().double(), h.clone().double()
+    rows, cols = w.shape
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    u = torch.linalg.cholesky(torch.linalg.inv(h + damp * h.diagonal().mean() * torch.eye(cols, dtype=h.dtype)),
+                              upper=True)
+    keep = torch.ones(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        k = prune_count(rows * i2, sparsity) - prune_count(rows * i1, sparsity)
+        score = (w[:, i1:i2] ** 2 / u.diagonal()[i1:i2] ** 2).flatten()
+        block_keep = torch.ones(score.numel(), dtype=torch.bool)
+        block_keep[torch.sort(score, stable=True).indices[:k]] = False
+        keep[:, i1:i2] = block_keep.view(rows, i2 - i1)
+        for i in range(i1, i2):
+            e = (w[:, i] - w[:, i] * keep[:, i]) / u[i, i]
+            w[:, i:] -= e[:, None] * u[i, i:][None, :]
+    return w.masked_fill(~keep, 0.0).float(), keep
+
+
+@pytest.mark.parametrize("block_size", [16, 48])
+def test_sparsegpt_equals_the_plain_algorithm(block_size):
+    """The blocked SparseGPT with its lazy batch update (3 blocks of 16 columns, or one of 48) gives the weights and
+    mask of the plain algorithm, here on inputs one of which was always zero; a bf16 weight comes back in bf16."""
+    x = _correlated_inputs(256, 48, seed=6)
+    x[:, 10] = 0
+    w = torch.randn(20, 48, generator=torch.Generator().manual_seed(7))
+    new, keep = sparsegpt(w, _hessian(x), 0.4, None, block_size=block_size)
+    ref_new, ref_keep = _sparsegpt_plain(w, _hessian(x), 0.4, block_size)
+    assert torch.equal(keep, ref_keep) and not keep[:, 10].any()
+    assert torch.allclose(new, ref_new, rtol=1e-4, atol=1e-5), float((new - ref_new).abs().max())
+    assert sparsegpt(w.bfloat16(), _hessian(x), 0.4, None, block_size=block_size)[0].dtype == torch.bfloat16
