@@ -48,10 +48,14 @@ def test_checkpoints_in_step_order_and_only_step_dirs(tmp_path):
 
 
 def test_prune_checkpoints_keeps_the_newest(tmp_path):
+    """The newest `keep` stay; removing the others is best effort: one that cannot be removed (here a file in the
+    way) is left, and the run goes on."""
     run = RunDir(tmp_path)
-    _mkdirs(run.checkpoints, [f"step-{s:08d}" for s in (4, 8, 12, 100)])
+    _mkdirs(run.checkpoints, [f"step-{s:08d}" for s in (8, 12, 16, 100)])
+    (run.checkpoints / "step-00000004").write_text("")
     prune_checkpoints(run, 2)
-    assert [d.name for d in run.checkpoint_dirs()] == ["step-00000012", "step-00000100"]
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["step-00000004", "step-00000016", "step-00000100"]
+    (run.checkpoints / "step-00000004").unlink()
     prune_checkpoints(run, 1)
     assert [d.name for d in run.checkpoint_dirs()] == ["step-00000100"]
 
@@ -89,6 +93,30 @@ def test_rng_state_restores_torch_python_and_numpy_streams():
     _draws()
     set_rng_state(state)
     assert _draws() == first
+
+
+def test_gpu_generators_are_saved_once_cuda_is_in_use_and_restored_on_each_visible_gpu(monkeypatch):
+    """With CUDA (faked here) the checkpoint also holds one generator state a GPU, but only once CUDA has started
+    (before that nothing drew from them, and reading them would start it); they are restored GPU by GPU, as many as
+    are visible, and skipped when the state has none or no GPU is there."""
+    gens = [torch.tensor([1], dtype=torch.uint8), torch.tensor([2], dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: gens)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda gen, device="cuda": restored.append((gen, device)))
+    assert "cuda" not in rng_state()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    state = rng_state()
+    assert state["cuda"] is gens
+    set_rng_state(state)
+    assert restored == [(gens[0], 0)]  # one GPU visible of the two saved
+    restored.clear()
+    set_rng_state({k: v for k, v in state.items() if k != "cuda"})  # written without CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    set_rng_state(state)  # resumed without a GPU
+    assert restored == []
 
 
 def test_save_state_writes_a_checkpoint_that_reads_back(tmp_path):
