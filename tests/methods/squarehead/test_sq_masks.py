@@ -148,3 +148,19 @@ def test_mask_state_reloads_the_same_bool_masks():
     one = MaskSet({"x": torch.nn.Parameter(torch.ones(1))})
     one.set({"x": torch.zeros(1, dtype=torch.bool)})
     assert one.sparsity() == 1.0
+
+
+def test_masks_follow_their_weights_and_unmasked_gradients_pass():
+    """A mask is kept on its weight's device (a GPU weight with a CPU mask fails; the meta device stands in for the
+    GPU here), and the gradient hook passes the gradient of a weight that has no mask yet through unchanged."""
+    w = torch.nn.Parameter(torch.ones(2, 3, device="meta"))
+    masks = MaskSet({"w": w})
+    masks.set({"w": torch.ones(2, 3, dtype=torch.bool)})
+    assert masks.pruned["w"].device == w.device
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    masks = MaskSet({"a": a, "b": b})
+    masks.hook_gradients()
+    masks.set({"a": torch.tensor([True, False])})
+    (a * torch.tensor([2.0, 3.0]) + b * torch.tensor([4.0, 5.0])).sum().backward()
+    assert torch.equal(a.grad, torch.tensor([2.0, 0.0])) and torch.equal(b.grad, torch.tensor([4.0, 5.0]))
+    masks.remove_hooks()
