@@ -10,7 +10,7 @@ from sparseft.methods.squarehead.config import Gradual, SquareHeadConfig
 from sparseft.methods.squarehead.masks import pack, unpack
 from sparseft.methods.squarehead.oneshot import prune_magnitude, prune_sparsegpt, target_linears
 from sparseft.methods.squarehead.prune import (_inverse_cholesky, cubic_sparsity, is_prune_step, magnitude_keep,
-                                               prune_count, sparsegpt)
+                                               prune_count, smallest, sparsegpt)
 from tests.methods.squarehead.sq_testlib import clone, copy_batch, tiny_llama
 
 
@@ -38,10 +38,26 @@ def test_magnitude_unstructured_zeroes_exactly_the_smallest():
 def test_magnitude_grows_an_existing_mask():
     w = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
     first = magnitude_keep(w, 0.25, None)
-    w2 = w.masked_fill(~first, 0.0) + 0.5  # kept weights moved: the old mask must stay pruned anyway
+    w2 = w.masked_fill(~first, 5.0)  # pruned weights now the largest (say a master copy moved them): still pruned
     second = magnitude_keep(w2, 0.5, None, keep=first)
     assert not (second & ~first).any(), "a pruned weight came back"
     assert int((~second).sum()) == prune_count(w.numel(), 0.5)
+
+
+def test_prune_count_rounds_halves_up():
+    """round(sparsity * numel) with halves rounded up, also where the product falls just below a half in floats
+    (0.35 * 10 = 3.4999999999999996); Python's round() alone would round 2.5 down to 2."""
+    assert [prune_count(10, s) for s in (0.25, 0.3, 0.35, 0.5)] == [3, 3, 4, 5]
+    assert prune_count(6, 0.5) == 3 and prune_count(7, 0.5) == 4 and prune_count(8, 0.0) == 0
+
+
+def test_smallest_breaks_ties_by_position_on_the_scores_device():
+    """Equal scores are dropped first come, first served (an unstable sort picks others for 100 zeros), an
+    already-dropped weight counts first, and the mask is made where the scores are (meta stands in for a GPU)."""
+    assert torch.equal(smallest(torch.zeros(100), 10), torch.arange(100) >= 10)
+    keep = torch.arange(100) != 50
+    assert torch.equal(smallest(torch.zeros(100), 10, keep), (torch.arange(100) >= 9) & keep)
+    assert smallest(torch.zeros(2, 4, device="meta"), 3).device.type == "meta"
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8), (1, 4)])
