@@ -7,6 +7,8 @@ import math
 import pytest
 import torch
 
+from sparseft.errors import UserError
+from sparseft.eval import exact_match as em
 from sparseft.eval.exact_match import build_items, exact_match, extract_answer
 from sparseft.eval.runner import run_task
 from sparseft.eval.tasks import validate_task
@@ -257,3 +259,92 @@ def test_chat_form_items(tmp_path, tok):
     [item] = build_items(t, chat_tok)
     assert chat_tok.decode(item.prompt_ids) == "u:0 + 0?a:0?u:0 + 0?a:0?u:1 + 1?a:2?u:2 + 2?a:"
     assert item.reference == "4"
+
+
+def _chat_tok(template: str = "{% for m in messages %}{{ m['role'][0] }}:{{ m['content'] }}?{% endfor %}"
+                                "{% if add_generation_prompt %}a:{% endif %}"):
+    t = char_tokenizer()
+    t.chat_template = template
+    return t
+
+
+_ONE_USER_TURN = ("{% if messages|length > 1 %}{{ raise_exception('one user turn only') }}{% endif %}"
+                  "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+
+
+@pytest.mark.parametrize("form,bad,template", [
+    ("completion", {"completion": " 1"}, None),  # no prompt
+    ("completion", {"prompt": "1 ="}, None),  # no completion
+    ("instruction", {"output": " 1"}, None),  # no instruction
+    ("instruction", {"instruction": "a", "input": 5, "output": " 1"}, None),  # an input that is not text
+    ("instruction", {"instruction": "a"}, None),  # no output
+    ("chat", {"conversation": []}, None),  # no messages
+    ("chat", {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                           {"role": "assistant", "content": "1"}]}, _ONE_USER_TURN),  # the template refuses it
+])
+def test_a_bad_row_is_named_by_its_number(tmp_path, form, bad, template):
+    """A row the form cannot read fails with a UserError that starts with the task, the file and the row's number
+    (row 2 here, after a good row 1), or, for a few-shot example, its index."""
+    good = {"completion": {"prompt": "1 =", "completion": " 1"},
+            "instruction": {"instruction": "a", "output": " 1"},
+            "chat": {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "1"}]}}[form]
+    tok = _chat_tok() if template is None else _chat_tok(template)
+    data = write_jsonl(tmp_path / "a.jsonl", [good, bad])
+    with pytest.raises(UserError) as e:
+        build_items(task(metric="exact_match", data=data, form=form), tok)
+    assert str(e.value).startswith(f"task t: data={data} row 2: "), str(e.value)
+    shots = {"examples": [good, bad]}
+    with pytest.raises(UserError) as e:
+        build_items(task(metric="exact_match", data=write_jsonl(tmp_path / "b.jsonl", [good]), form=form,
+                         few_shot=shots), tok)
+    if template is None:  # a few-shot example is read like a row (a refused conversation fails at row 1)
+        assert str(e.value).startswith("task t: few_shot.examples[1]: "), str(e.value)
+
+
+def test_form_options_are_checked_before_any_row(tmp_path, tok):
+    """A renamed field the form does not have, a prompt template outside the instruction form, and the chat form with
+    a tokenizer that has no chat template are refused (naming the task), though every row could be read."""
+    data = write_jsonl(tmp_path / "a.jsonl", [{"prompt": "1 =", "completion": " 1"}])
+    with pytest.raises(UserError, match="data.fields.promt: not a field of the completion form"):
+        build_items(task(metric="exact_match", data=data, fields={"promt": "q"}), tok)
+    with pytest.raises(UserError, match="only used by the instruction form, but task t: form='completion'"):
+        build_items(task(metric="exact_match", data=data, prompt_template="{instruction}"), tok)
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": "a"},
+                                                            {"role": "assistant", "content": "1"}]}])
+    with pytest.raises(UserError, match="no chat template, which the chat form needs"):
+        build_items(task(metric="exact_match", data=chat, form="chat"), tok)
+
+
+def test_exact_match_scores_the_items_it_is_given(tmp_path, tok):
+    """Items built once (per tokenizer, reused for every adapter) are scored as given: the data file is not read
+    again."""
+    path = tmp_path / "a.jsonl"
+    t = task(metric="exact_match", data=write_jsonl(path, ARITH))
+    items = build_items(t, tok)[1:]
+    path.unlink()
+    m = exact_match(bigram(_says(" 7")), tok, t, items)
+    assert (m["correct"], m["n"]) == (1, 3)  # " 7" is right for "5 + 2 =" only
+
+
+def test_exact_match_batches_longest_prompts_first(tmp_path, tok, monkeypatch):
+    """Prompts go to the generator longest first, in batches of the task's batch_size; each row still gets its own
+    text, and the score and its standard error are those of the matching rows (2 of 5, by hand)."""
+    rows = [{"prompt": "3 + 4 =", "completion": " 7"}, {"prompt": "1 =", "completion": " 1"},
+            {"prompt": "12 + 30 =", "completion": " 42"}, {"prompt": "5 + 2 =", "completion": " 7"},
+            {"prompt": "9 =", "completion": " 9"}]
+    seen = []
+
+    def spy(model, tokenizer, prompts, sampling, batch_size=8):
+        seen.append(([len(p) for p in prompts], batch_size))
+        return generate(model, tokenizer, prompts, sampling, batch_size=batch_size)
+
+    monkeypatch.setattr(em, "generate", spy)
+    samples = []
+    m = exact_match(bigram(_says(" 7")), tok, task(metric="exact_match", data=write_jsonl(tmp_path / "a.jsonl", rows),
+                                                   batch_size=2, generation={"max_new_tokens": 3}), samples=samples)
+    [(lengths, batch_size)] = seen
+    assert lengths == [9, 7, 7, 3, 3] and batch_size == 2
+    assert [s["generated"] for s in samples] == [" 7"] * 5
+    assert [s["correct"] for s in samples] == [True, False, False, True, False]
+    assert (m["correct"], m["n"], m["exact_match"]) == (2, 5, 0.4)
+    assert m["exact_match_stderr"] == pytest.approx(math.sqrt(0.4 * 0.6 / 4))

@@ -76,7 +76,8 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: 
     w = weight.detach().float().clone()  # (out, in)
     rows, cols = w.shape
     h = hessian.detach().float().clone()  # (in, in)
-    dead = h.diagonal() == 0  # inputs that were always zero: any value of these weights is as good
+    # Inputs that were always zero: their weights cost nothing to prune, so they are pruned first (their score is 0).
+    dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     hinv = _inverse_cholesky(h, dampening)  # (in, in), upper triangular
     keep = torch.ones_like(w, dtype=torch.bool)
@@ -93,12 +94,13 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, nm: 
         if nm is None:
             # This block's share of the exact layer count: the shares telescope to prune_count(rows * cols).
             k = prune_count(rows * i2, sparsity) - prune_count(rows * i1, sparsity)
-            prune1 = ~smallest(w1.pow(2) / d.pow(2), k)
+            prune1 = ~smallest((w1.pow(2) / d.pow(2)).masked_fill(dead[i1:i2], 0.0), k)
         else:
             prune1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
-                group = w1[:, i:i + nm[1]].pow(2) / d[i:i + nm[1]].pow(2)  # (out, m)
+                j = slice(i, i + nm[1])
+                group = (w1[:, j].pow(2) / d[j].pow(2)).masked_fill(dead[i1:i2][j], 0.0)  # (out, m)
                 prune1[:, i:i + nm[1]] = ~nm_keep(group, *nm)
             col = w1[:, i]
             q = col.masked_fill(prune1[:, i], 0.0)

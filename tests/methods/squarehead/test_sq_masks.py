@@ -132,3 +132,35 @@ def test_mask_set_by_hand():
     masks.zero_optimizer_state(None)
     with pytest.raises(ValueError, match=r"checkpoint masks for \['c'\]"):
         masks.load_state_dict({**masks.state_dict(), "c": masks.state_dict()["a"]})
+
+
+
+def test_mask_state_reloads_the_same_bool_masks():
+    """A MaskSet's state (bit-packed keep masks) reloads to the same pruned positions, as bool masks; and one pruned
+    weight alone is a sparsity of 1."""
+    keep = torch.tensor([[1, 0, 1, 1, 0, 0, 1, 1, 1, 0, 1]], dtype=torch.bool)  # 11 weights: not a whole byte
+    masks = MaskSet({"w": torch.nn.Parameter(torch.ones(1, 11))})
+    again = MaskSet({"w": torch.nn.Parameter(torch.ones(1, 11))})
+    masks.set({"w": keep})
+    again.load_state_dict(masks.state_dict())
+    assert again.pruned["w"].dtype == torch.bool and torch.equal(again.pruned["w"], ~keep)
+    assert torch.equal(again.params["w"].detach(), keep.float())
+    one = MaskSet({"x": torch.nn.Parameter(torch.ones(1))})
+    one.set({"x": torch.zeros(1, dtype=torch.bool)})
+    assert one.sparsity() == 1.0
+
+
+def test_masks_follow_their_weights_and_unmasked_gradients_pass():
+    """A mask is kept on its weight's device (a GPU weight with a CPU mask fails; the meta device stands in for the
+    GPU here), and the gradient hook passes the gradient of a weight that has no mask yet through unchanged."""
+    w = torch.nn.Parameter(torch.ones(2, 3, device="meta"))
+    masks = MaskSet({"w": w})
+    masks.set({"w": torch.ones(2, 3, dtype=torch.bool)})
+    assert masks.pruned["w"].device == w.device
+    a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    masks = MaskSet({"a": a, "b": b})
+    masks.hook_gradients()
+    masks.set({"a": torch.tensor([True, False])})
+    (a * torch.tensor([2.0, 3.0]) + b * torch.tensor([4.0, 5.0])).sum().backward()
+    assert torch.equal(a.grad, torch.tensor([2.0, 0.0])) and torch.equal(b.grad, torch.tensor([4.0, 5.0]))
+    masks.remove_hooks()
