@@ -147,3 +147,19 @@ def test_resume_under_mixed_precision_brings_back_the_state_and_the_masters(load
     c = _Mixed(load, max_steps=10)
     c.method.load_state_dict(final)
     assert c.method._parked == {} and c.method.state_dict()["next_step"] == 10
+
+
+def test_resumed_masters_land_on_the_device_of_their_weights(load):
+    """A checkpoint is read into CPU memory; the active group's fp32 masters go to the device its weights are on.
+    (The `meta` device stands in for a GPU, which a CPU-only machine cannot show: there every move is to the CPU.)"""
+    r = hift_recipe({"name": "hift"})
+    model = load("llama").to(torch.bfloat16).to("meta")
+    method = build_method(r.method)
+    ctx = MethodContext(recipe=r, log=lambda s: None, device="meta", master_dtype=torch.float32)
+    model = method.prepare(model, method.select(model, ctx), ctx)
+    params = dict(model.named_parameters())
+    names = method.group_names(0)
+    method.load_state_dict({"next_step": 1, "cycle": 0, "position": 1, "order": [0, 1, 2, 3],
+                            "masters": {n: torch.zeros(params[n].shape) for n in names}})
+    for n in names:
+        assert params[n].device.type == "meta" and params[n].dtype == torch.float32, n
