@@ -72,6 +72,9 @@ def test_group_by_parameters_isolates_a_large_embedding(tiny_model_dir):
     largest = lambda m: max(sum(p.numel() for _, p in g) for g in m._groups)  # noqa: E731
     assert largest(by_params) == _best_max(sizes, 3) == sum(sizes[1:5]) < largest(by_units) == sizes[4] + sizes[5]
     assert [by_params.group_names(g)[0].split(".")[1] for g in range(3)] == ["embed_tokens", "layers", "norm"]
+    # 6 units, 4 a group: as many groups as by units, rounded up (2), balanced.
+    four, _, _ = prepared(model, {"name": "hift", "group_size": 4, "group_by": "parameters"})
+    assert four.num_groups == 2 and largest(four) == _best_max(sizes, 2)
 
 
 def test_a_run_shorter_than_a_cycle_warns_naming_the_starved_groups(tiny_model_dir, tmp_path):
