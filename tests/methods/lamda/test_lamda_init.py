@@ -52,7 +52,8 @@ def test_zero_init_and_rank_errors(load):
 @pytest.mark.parametrize("start", [True, False], ids=["spectrum", "zero"])
 def test_a_layer_puts_its_tensors_where_and_as_its_base_weight_is(start):
     """A, S, B and B0 S0 arrive as fp32 CPU tensors (an SVD, an adapter file); the layer holds them on its base
-    weight's device in its dtype. (A bf16 base on the `meta` device: a CPU-only machine cannot show a missed move.)"""
+    weight's device in its dtype, and only S and B train. (A bf16 base on the `meta` device: a CPU-only machine
+    cannot show a missed move.)"""
     base = torch.nn.Linear(5, 3).to(torch.bfloat16).to("meta")
     layer = LamdaLinear(base, torch.zeros(2, 5), torch.zeros(2, 2), torch.zeros(3, 2), scale=1.0,
                         lamda_start=torch.zeros(3, 2) if start else None)
@@ -61,3 +62,5 @@ def test_a_layer_puts_its_tensors_where_and_as_its_base_weight_is(start):
         {"lamda_A", "lamda_S", "lamda_B_cols.0", "lamda_B_cols.1"} | ({"lamda_start"} if start else set())
     for n, t in tensors.items():
         assert t.device.type == "meta" and t.dtype == torch.bfloat16, (n, t.device, t.dtype)
+    # S and B's columns train; the base weight and bias are frozen (A and B0 S0 are buffers).
+    assert {n for n, q in layer.named_parameters() if q.requires_grad} == {"lamda_S", "lamda_B_cols.0", "lamda_B_cols.1"}
