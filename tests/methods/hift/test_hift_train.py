@@ -96,14 +96,21 @@ class _Mixed:
         self.model = self.method.prepare(model, self.method.select(model, ctx), ctx)
         self.engine = Engine(self.model, self.method.optimizer_param_groups(self.model, 0.1), r.train)
         self.params = dict(self.model.named_parameters())
+        self.last_turn: dict[str, torch.Tensor] = {}  # each weight as its last turn left it (fp32)
 
     def run_step(self, step: int) -> None:
         self.method.on_step_start(step, self.model, self.engine.optimizer)
+        active = self.method.group_names(self.method.group_at(step))
+        for n in active:  # its turn again: its fp32 values from the last turn, not their bf16 rounding
+            if n in self.last_turn:
+                p = self.params[n]
+                assert p.dtype == torch.float32 and torch.equal(p, self.last_turn[n]), (step, n)
         for i, p in enumerate(self.params.values()):
             if p.requires_grad:
                 p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * step + i)).to(p.dtype)
         self.engine.step()
         self.method.on_step_end(step, self.model, self.engine.optimizer)
+        self.last_turn.update({n: self.params[n].detach().clone() for n in active})
 
     def save(self, out, step: int) -> None:
         tensors = self.engine.gather(self.method.trainable_parameters(self.model))
@@ -122,10 +129,13 @@ def test_resume_under_mixed_precision_brings_back_the_state_and_the_masters(load
     """In process, without the CLI (tests/train/test_precision.py runs the same through `sparseft train`): a
     checkpoint mid-cycle, read into a fresh model and method, gives back the cycle position (what state_dict then
     writes), the parked state, and the active group's fp32 masters bit for bit, which the stored bf16 weights round;
-    the run then continues exactly as one that never stopped. A final state (no parked state) loads too."""
+    the run then continues exactly as one that never stopped. A final state (no parked state) loads too. Each group
+    starts its turn from its fp32 masters of its last turn, parked while it waited (checked in every step)."""
     a = _Mixed(load, max_steps=10)
     for step in range(6):  # 4 groups: stopped in the second cycle, with every group's state parked or active
         a.run_step(step)
+    assert any(not torch.equal(w, w.to(torch.bfloat16).float()) for w in a.last_turn.values()), \
+        "the masters differ from their rounding: the turn check above is not empty"
     a.save(tmp_path / "ckpt", 6)
     b = _Mixed(load, max_steps=10)
     b.restore(tmp_path / "ckpt")
