@@ -81,6 +81,7 @@ def test_order_follows_the_strategy(load):
     assert random_order(1) != cycles
     fixed = random_order(0, reshuffle=False)
     assert len({tuple(c) for c in fixed}) == 1 and sorted(fixed[0]) == [0, 1, 2, 3]
+    assert fixed[0] == cycles[0], "without reshuffling, every cycle keeps the first cycle's order"
     # method.seed overrides train.seed
     m, _, _ = prepared(model, {"name": "hift", "order": "random", "seed": 1}, seed=0)
     assert [m.group_at(s) for s in range(8)] == [g for c in random_order(1)[:2] for g in c]
