@@ -63,4 +63,5 @@ def test_a_layer_puts_its_tensors_where_and_as_its_base_weight_is(start):
     for n, t in tensors.items():
         assert t.device.type == "meta" and t.dtype == torch.bfloat16, (n, t.device, t.dtype)
     # S and B's columns train; the base weight and bias are frozen (A and B0 S0 are buffers).
-    assert {n for n, q in layer.named_parameters() if q.requires_grad} == {"lamda_S", "lamda_B_cols.0", "lamda_B_cols.1"}
+    trains = {n for n, q in layer.named_parameters() if q.requires_grad}
+    assert trains == {"lamda_S", "lamda_B_cols.0", "lamda_B_cols.1"}
