@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import signal
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -27,16 +28,35 @@ def _best_max(sizes, k):
     return best
 
 
+def _within(seconds: float, fn, *args):
+    """fn(*args), failing (not hanging) when it runs longer than `seconds`: a bisection that never ends is a bug."""
+    def expire(*_):
+        raise TimeoutError(f"{fn.__name__}{args} ran past {seconds} s")
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_balanced_groups_are_optimal_and_consecutive():
     rng = random.Random(0)
     for _ in range(200):
         n = rng.randint(1, 9)
-        sizes = [rng.choice([1, 5, 40, 100, 1000]) for _ in range(n)]
+        # Sizes far apart (an embedding table against blocks) and close together (ties decide where a group ends).
+        sizes = [rng.choice([1, 5, 40, 100, 1000]) if rng.random() < 0.5 else rng.randint(1, 12) for _ in range(n)]
         k = rng.randint(1, n)
-        groups = balanced_groups(sizes, k)
+        groups = _within(2, balanced_groups, sizes, k)
         assert len(groups) == k and all(groups)
         assert [u for g in groups for u in g] == list(range(n)), "every unit once, bottom up"
         assert max(sum(sizes[u] for u in g) for g in groups) == _best_max(sizes, k), (sizes, k, groups)
+    # By hand: a group may fill up to the cap exactly (16: 8 + 8 in the middle, not 9 + 8 at the bottom).
+    assert balanced_groups([9, 8, 8, 9], 3) == [[0], [1, 2], [3]]
+    # Units of ~10^8 parameters, as in a 7B model: the bisection stays on integers and ends (a float midpoint
+    # loops forever on these).
+    assert _within(2, balanced_groups, [87, 94954329, 77465444], 2) == [[0, 1], [2]]
 
 
 def test_group_by_parameters_isolates_a_large_embedding(tiny_model_dir):
@@ -52,6 +72,9 @@ def test_group_by_parameters_isolates_a_large_embedding(tiny_model_dir):
     largest = lambda m: max(sum(p.numel() for _, p in g) for g in m._groups)  # noqa: E731
     assert largest(by_params) == _best_max(sizes, 3) == sum(sizes[1:5]) < largest(by_units) == sizes[4] + sizes[5]
     assert [by_params.group_names(g)[0].split(".")[1] for g in range(3)] == ["embed_tokens", "layers", "norm"]
+    # 6 units, 4 a group: as many groups as by units, rounded up (2), balanced.
+    four, _, _ = prepared(model, {"name": "hift", "group_size": 4, "group_by": "parameters"})
+    assert four.num_groups == 2 and largest(four) == _best_max(sizes, 2)
 
 
 def test_a_run_shorter_than_a_cycle_warns_naming_the_starved_groups(tiny_model_dir, tmp_path):

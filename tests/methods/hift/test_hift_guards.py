@@ -84,18 +84,42 @@ def test_parked_state_is_moved_to_cpu_only_with_offload(load, monkeypatch, offlo
         d.method.on_step_start(step, d.model, opt)
         monkeypatch.undo()
         parked = d.method._parked
+        # AdamW's `step` stays where the optimizer keeps it (a CPU scalar): it is never moved, either way.
         for name in set(parked) - parked_before:  # parked in this call
             for key, t in parked[name].items():
-                if key != "step":
-                    assert any(t is x for x in to_cpu) == offload, (step, name, key)
-                    assert t.device.type == "cpu"
+                assert any(t is x for x in to_cpu) == (offload and key != "step"), (step, name, key)
+                assert t.device.type == "cpu"
         for name in parked_before - set(parked):  # handed back in this call: fetched to the weight's device
             for key, t in opt.state[params[name]].items():
-                if key != "step":
-                    assert any(t is x for x in to_cpu), (step, name, key)
+                assert any(t is x for x in to_cpu) == (key != "step"), (step, name, key)
         parked_before = set(parked)
         loss, _ = d.method.compute_loss(d.model, d.batches[step])
         d.engine.backward(loss)
         d.engine.step()
         d.method.on_step_end(step, d.model, opt)
     assert parked_before, "nothing was parked: the check above was empty"
+    assert "step" in opt.state[params[next(iter(d.group_names(d.method._active)))]], "the step check was empty"
+
+
+def test_optimizer_state_that_is_not_a_weights_is_left_where_it_is(load):
+    """Under ZeRO the optimizer keeps its state for its own flat partitions, not for the model's weights. HiFT parks
+    only what is kept per weight: a stand-in flat tensor beside the groups keeps its state in the optimizer, the same
+    tensor, while every group takes its turn (also when one group follows itself: a single group)."""
+    for method_cfg in ({"name": "hift"}, {"name": "hift", "group_size": 100}):
+        method, model, _ = prepared(load("llama"), method_cfg)
+        flat = torch.nn.Parameter(torch.zeros(4))
+        opt = torch.optim.SGD(method.optimizer_param_groups(model, 0.0) + [{"params": [flat]}], lr=0.1, momentum=0.9)
+        opt.state[flat]["momentum_buffer"] = buf = torch.ones(4)
+        params = dict(model.named_parameters())
+        watched = []
+        park = method._park_tensor
+        method._park_tensor = lambda t: watched.append(t) or park(t)
+        for step in range(method.num_groups + 2):
+            method.on_step_start(step, model, opt)
+            for n in method.group_names(method.group_at(step)):
+                params[n].grad = torch.ones_like(params[n])
+            opt.step()
+            assert opt.state[flat]["momentum_buffer"] is buf and not any(t is buf for t in watched), step
+        assert set(method._parked) <= set(params)
+        if method.num_groups == 1:
+            assert not watched and not method._parked, "a group that follows itself parks nothing"

@@ -119,3 +119,5 @@ def test_one_group_of_everything_is_full_fine_tuning(load, optimizer):
         wa, wb = hift.weights(), full.weights()
         for n in wb:
             torch.testing.assert_close(wa[n], wb[n], rtol=0, atol=1e-6)
+    assert {k: hift.method.state_dict()[k] for k in ("next_step", "cycle", "position")} == \
+        {"next_step": 6, "cycle": 6, "position": 0}, "one group: every step is a cycle"

@@ -13,10 +13,12 @@ from typer.testing import CliRunner
 
 from sparseft.cli import app
 from sparseft.export.run import load_run
+from sparseft.methods import MethodContext, build_method
 from sparseft.recipe import load_recipe
-from sparseft.train.optim import lr_factor
-from sparseft.train.checkpoint import load_method_state
+from sparseft.train.checkpoint import TRAINABLE, load_engine_state, load_method_state, load_trainable, save_state
+from sparseft.train.optim import Engine, lr_factor
 from tests.helpers import cli, records, write_recipe
+from tests.methods.hift.hift_testlib import recipe as hift_recipe
 
 runner = CliRunner()
 
@@ -80,3 +82,94 @@ def test_resume_mid_cycle_continues_the_cycle_exactly(tmp_path, tiny_model_dir):
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+
+
+class _Mixed:
+    """A bf16 model trained with fp32 masters for the active group (bf16-mixed in one process), each step's gradients
+    seeded by step and weight; it writes and reads checkpoints with the trainer's functions, in the trainer's order."""
+
+    def __init__(self, load, max_steps: int):
+        r = hift_recipe({"name": "hift", "order": "random"}, max_steps=max_steps, weight_decay=0.1)
+        model = load("llama").to(torch.bfloat16)
+        self.method = build_method(r.method)
+        ctx = MethodContext(recipe=r, log=lambda s: None, master_dtype=torch.float32)
+        self.model = self.method.prepare(model, self.method.select(model, ctx), ctx)
+        self.engine = Engine(self.model, self.method.optimizer_param_groups(self.model, 0.1), r.train)
+        self.params = dict(self.model.named_parameters())
+        self.last_turn: dict[str, torch.Tensor] = {}  # each weight as its last turn left it (fp32)
+
+    def run_step(self, step: int) -> None:
+        self.method.on_step_start(step, self.model, self.engine.optimizer)
+        active = self.method.group_names(self.method.group_at(step))
+        for n in active:  # its turn again: its fp32 values from the last turn, not their bf16 rounding
+            if n in self.last_turn:
+                p = self.params[n]
+                assert p.dtype == torch.float32 and torch.equal(p, self.last_turn[n]), (step, n)
+        for i, p in enumerate(self.params.values()):
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * step + i)).to(p.dtype)
+        self.engine.step()
+        self.method.on_step_end(step, self.model, self.engine.optimizer)
+        self.last_turn.update({n: self.params[n].detach().clone() for n in active})
+
+    def save(self, out, step: int) -> None:
+        tensors = self.engine.gather(self.method.trainable_parameters(self.model))
+        save_state(out, tensors, {"step": step}, self.method.state_dict(), self.engine.state_dict())
+
+    def restore(self, ckpt) -> None:
+        load_trainable(self.model, ckpt / TRAINABLE)  # as stored: the active group's fp32 weights rounded to bf16
+        self.method.load_state_dict(load_method_state(ckpt))  # first: it puts the active group's masters back
+        self.engine.load_state_dict(load_engine_state(ckpt)[0])
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+
+def test_resume_under_mixed_precision_brings_back_the_state_and_the_masters(load, tmp_path):
+    """In process, without the CLI (tests/train/test_precision.py runs the same through `sparseft train`): a
+    checkpoint mid-cycle, read into a fresh model and method, gives back the cycle position (what state_dict then
+    writes), the parked state, and the active group's fp32 masters bit for bit, which the stored bf16 weights round;
+    the run then continues exactly as one that never stopped. A final state (no parked state) loads too. Each group
+    starts its turn from its fp32 masters of its last turn, parked while it waited (checked in every step)."""
+    a = _Mixed(load, max_steps=10)
+    for step in range(6):  # 4 groups: stopped in the second cycle, with every group's state parked or active
+        a.run_step(step)
+    assert any(not torch.equal(w, w.to(torch.bfloat16).float()) for w in a.last_turn.values()), \
+        "the masters differ from their rounding: the turn check above is not empty"
+    a.save(tmp_path / "ckpt", 6)
+    b = _Mixed(load, max_steps=10)
+    b.restore(tmp_path / "ckpt")
+    active = set(a.method.group_names(a.method.group_at(5)))
+    for n, w in a.weights().items():  # the masters are back, beside the waiting groups' stored weights
+        assert w.dtype == (torch.float32 if n in active else torch.bfloat16), n
+        assert b.params[n].dtype == w.dtype and torch.equal(b.params[n], w), n
+    sa, sb = a.method.state_dict(), b.method.state_dict()
+    assert {k: sb[k] for k in ("next_step", "cycle", "position", "order")} == \
+        {"next_step": 6, "cycle": 1, "position": 2, "order": sa["order"]}
+    assert sb["optimizer_state"].keys() == sa["optimizer_state"].keys() == set(a.params) - active
+    for step in range(6, 10):
+        a.run_step(step)
+        b.run_step(step)
+        for n, w in a.weights().items():
+            assert b.params[n].dtype == w.dtype and torch.equal(b.params[n], w), (step, n)
+    final = a.method.state_dict()
+    assert "optimizer_state" not in final and final["next_step"] == 10
+    c = _Mixed(load, max_steps=10)
+    c.method.load_state_dict(final)
+    assert c.method._parked == {} and c.method.state_dict()["next_step"] == 10
+
+
+def test_resumed_masters_land_on_the_device_of_their_weights(load):
+    """A checkpoint is read into CPU memory; the active group's fp32 masters go to the device its weights are on.
+    (The `meta` device stands in for a GPU, which a CPU-only machine cannot show: there every move is to the CPU.)"""
+    r = hift_recipe({"name": "hift"})
+    model = load("llama").to(torch.bfloat16).to("meta")
+    method = build_method(r.method)
+    ctx = MethodContext(recipe=r, log=lambda s: None, device="meta", master_dtype=torch.float32)
+    model = method.prepare(model, method.select(model, ctx), ctx)
+    params = dict(model.named_parameters())
+    names = method.group_names(0)
+    method.load_state_dict({"next_step": 1, "cycle": 0, "position": 1, "order": [0, 1, 2, 3],
+                            "masters": {n: torch.zeros(params[n].shape) for n in names}})
+    for n in names:
+        assert params[n].device.type == "meta" and params[n].dtype == torch.float32, n

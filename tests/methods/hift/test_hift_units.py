@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from sparseft.errors import UserError
 from sparseft.methods.hift import build_units, group_units
@@ -30,6 +31,19 @@ def test_tied_embeddings_and_head_are_one_unit(load):
     units = build_units(model)
     assert [u["name"] for u in units] == ["embed+head", "layers.0", "layers.1"]
     assert units[0]["params"] == ["model.embed_tokens.weight", "model.norm.weight"]
+    listed = [n for u in units for n in u["params"]]
+    assert sorted(listed) == sorted(n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_parameter_the_table_does_not_name_trains_with_the_head(load, tied):
+    """None of the known families has one, so one is added by hand: it joins the unit of the LM head (the bottom
+    unit when the head is tied to the embeddings), and every parameter is still in exactly one unit."""
+    model = load("llama", tie_word_embeddings=tied)
+    model.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    units = build_units(model)
+    head = units[0] if tied else units[-1]
+    assert head["name"] == ("embed+head" if tied else "head") and head["params"][-1] == "extra"
     listed = [n for u in units for n in u["params"]]
     assert sorted(listed) == sorted(n for n, _ in model.named_parameters())
 
@@ -67,6 +81,7 @@ def test_order_follows_the_strategy(load):
     assert random_order(1) != cycles
     fixed = random_order(0, reshuffle=False)
     assert len({tuple(c) for c in fixed}) == 1 and sorted(fixed[0]) == [0, 1, 2, 3]
+    assert fixed[0] == cycles[0], "without reshuffling, every cycle keeps the first cycle's order"
     # method.seed overrides train.seed
     m, _, _ = prepared(model, {"name": "hift", "order": "random", "seed": 1}, seed=0)
     assert [m.group_at(s) for s in range(8)] == [g for c in random_order(1)[:2] for g in c]

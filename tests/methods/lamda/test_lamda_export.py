@@ -11,6 +11,7 @@ import torch
 from sparseft.errors import UserError
 from sparseft.export.apply import adapter_applied
 from sparseft.methods.lamda.adapter import read_lamda_adapter
+from sparseft.methods.lamda.layers import LamdaLinear
 from tests.methods.lamda.lamda_testlib import lamda_layers, logits, prepared, train_steps
 
 
@@ -67,3 +68,16 @@ def test_bad_adapter_is_a_user_error(load, tmp_path):
         with adapter_applied(other, tmp_path / "a"):
             pass
     assert not lamda_layers(other), "a failed apply leaves the model as it was"
+
+
+@pytest.mark.parametrize("bad", ["lamda_A", "lamda_S", "lamda_B", "lamda_start"])
+def test_a_layer_refuses_any_one_tensor_of_another_shape(bad):
+    """Each of A (r, d_in), S (r, r), B (d_out, r) and B0 S0 (d_out, r) is checked on its own: an adapter whose B
+    alone was cut for another layer is refused, not applied with a broadcast or a crash later (rank 2, 5 -> 3)."""
+    good = {"lamda_A": torch.zeros(2, 5), "lamda_S": torch.zeros(2, 2), "lamda_B": torch.zeros(3, 2),
+            "lamda_start": torch.zeros(3, 2)}
+    LamdaLinear(torch.nn.Linear(5, 3), scale=1.0, **good)
+    wrong = {"lamda_A": torch.zeros(2, 4), "lamda_S": torch.zeros(2, 3), "lamda_B": torch.zeros(4, 2),
+             "lamda_start": torch.zeros(3, 3)}[bad]
+    with pytest.raises(ValueError, match=r"do not fit rank 2"):
+        LamdaLinear(torch.nn.Linear(5, 3), scale=1.0, **{**good, bad: wrong})

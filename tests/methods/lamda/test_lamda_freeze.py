@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
+from sparseft.methods.lamda.layers import LamdaLinear
 from sparseft.methods.lamda.method import frozen_count
 from tests.methods.lamda.lamda_testlib import lamda_layers, prepared, train_steps
 
@@ -71,3 +73,38 @@ def test_frozen_directions_never_change(load, optimizer, order):
     d_out = sum(m.lamda_B.shape[0] for m in layers.values())
     assert counts == [n_s + d_out * (R - frozen_count(s, R, 2, 8)) for s in range(STEPS)]
     assert counts[-1] == n_s, "after the full freeze only S trains"
+
+
+def test_columns_the_optimizer_does_not_hold_are_pinned_and_written_back():
+    """One layer by hand. Where the optimizer holds a column itself, freezing it drops its state; where it does not
+    (ZeRO's flat copies; no optimizer at all), the column's value is pinned and restore_frozen writes it back after a
+    step moved it. Freezes add up. new_columns names exactly the columns a freeze would add (what ZeRO-3 gathers)."""
+    g = torch.Generator().manual_seed(0)
+    layer = LamdaLinear(nn.Linear(5, 3), torch.randn(4, 5, generator=g), torch.randn(4, 4, generator=g),
+                        torch.randn(3, 4, generator=g), scale=2.0)
+    cols = layer.lamda_B_cols
+    opt = torch.optim.SGD([cols[0], cols[1]], lr=0.1, momentum=0.9)  # holds columns 0 and 1, not 2 and 3
+    layer(torch.randn(2, 5, generator=g)).sum().backward()
+    opt.step()
+    assert cols[0] in opt.state and cols[1] in opt.state
+
+    def ids(params):
+        return [id(c) for c in params]
+
+    first = torch.tensor([True, False, True, False])
+    assert ids(layer.new_columns(first)) == ids([cols[0], cols[2]])
+    layer.freeze_directions(first, opt)
+    assert layer.frozen == [True, False, True, False] and list(layer.pinned) == [2]
+    assert cols[0] not in opt.state and cols[1] in opt.state
+    assert [c.requires_grad for c in cols] == [False, True, False, True] and cols[0].grad is None
+    assert ids(layer.new_columns(torch.tensor([True, True, True, False]))) == [id(cols[1])]
+    layer.freeze_directions(torch.tensor([False, False, False, True]), None)  # no optimizer: pinned
+    assert layer.frozen == [True, False, True, True] and sorted(layer.pinned) == [2, 3]
+    assert layer.trainable_count() == 4 * 4 + 3 * 1
+
+    before = [c.detach().clone() for c in cols]
+    with torch.no_grad():
+        for c in cols:  # a step that moves every column, as ZeRO's flat update does
+            c.add_(1.0)
+    layer.restore_frozen()
+    assert [torch.equal(c, b) for c, b in zip(cols, before)] == [False, False, True, True]

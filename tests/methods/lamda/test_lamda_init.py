@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparseft.methods.lamda.layers import lamda_delta
+from sparseft.methods.lamda.layers import LamdaLinear, lamda_delta
 from tests.methods.lamda.lamda_testlib import lamda_layers, logits, prepared
 
 
@@ -47,3 +47,21 @@ def test_zero_init_and_rank_errors(load):
 
     with pytest.raises(UserError, match=r"method.r=65: larger than .*largest possible rank 64"):
         prepared(load("llama"), r=65)
+
+
+@pytest.mark.parametrize("start", [True, False], ids=["spectrum", "zero"])
+def test_a_layer_puts_its_tensors_where_and_as_its_base_weight_is(start):
+    """A, S, B and B0 S0 arrive as fp32 CPU tensors (an SVD, an adapter file); the layer holds them on its base
+    weight's device in its dtype, and only S and B train. (A bf16 base on the `meta` device: a CPU-only machine
+    cannot show a missed move.)"""
+    base = torch.nn.Linear(5, 3).to(torch.bfloat16).to("meta")
+    layer = LamdaLinear(base, torch.zeros(2, 5), torch.zeros(2, 2), torch.zeros(3, 2), scale=1.0,
+                        lamda_start=torch.zeros(3, 2) if start else None)
+    tensors = dict(layer.named_parameters()) | dict(layer.named_buffers())
+    assert {n for n in tensors if not n.startswith("base_layer.")} == \
+        {"lamda_A", "lamda_S", "lamda_B_cols.0", "lamda_B_cols.1"} | ({"lamda_start"} if start else set())
+    for n, t in tensors.items():
+        assert t.device.type == "meta" and t.dtype == torch.bfloat16, (n, t.device, t.dtype)
+    # S and B's columns train; the base weight and bias are frozen (A and B0 S0 are buffers).
+    trains = {n for n, q in layer.named_parameters() if q.requires_grad}
+    assert trains == {"lamda_S", "lamda_B_cols.0", "lamda_B_cols.1"}
