@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sparseft.kernels import leading_slice, slice_linear
+from sparseft.kernels.partial_linear import exact_delta, plus_delta, read_slice, write_slice
 
 # (kind, d_out, d_in, k, leading dims of x)
 CASES = [
@@ -183,3 +184,65 @@ def test_backward_uses_the_trained_slice_whatever_the_weight_holds(case):
     F.linear(x_ref, w_ref).backward(gy)
     assert rel_err(x.grad, x_ref.grad) < 1e-6
     assert rel_err(t.grad, leading_slice(w_ref.grad, kind, k)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols"])
+def test_indexed_slice_matches_dense_reference(kind):
+    """With `index` the trainable part is those rows / columns, in index order (S2FT's per-q-head unit): the dense
+    reference places trainable[i] at index[i] by hand. Non-square, so rows and columns cannot be confused."""
+    d_out, d_in, lead = 12, 7, (2, 3)
+    index = torch.tensor([4, 0, 5])  # unsorted
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(d_out, d_in, generator=g)
+    t = torch.nn.Parameter(torch.randn((3, d_in) if kind == "rows" else (d_out, 3), generator=g))
+    x = torch.randn(*lead, d_in, generator=g).requires_grad_()
+    w_ref = w.clone()
+    for i, j in enumerate(index.tolist()):
+        if kind == "rows":
+            w_ref[j] = t.detach()[i]
+        else:
+            w_ref[:, j] = t.detach()[:, i]
+    w_ref.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+
+    y = slice_linear(x, w, t, None, kind, index)
+    assert torch.equal(w, w_ref.detach())  # the frozen weight now holds the live values
+    y_ref = F.linear(x_ref, w_ref)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    y_ref.backward(gy)
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(x.grad, x_ref.grad) < 1e-6
+    ref_t = w_ref.grad[index] if kind == "rows" else w_ref.grad[:, index]
+    assert rel_err(t.grad, ref_t) < 1e-6
+
+    # read_slice / write_slice on their own: the indexed values, written back cast to the weight's dtype.
+    assert torch.equal(read_slice(w, kind, 3, index), t.detach())
+    half = w.to(torch.bfloat16)
+    write_slice(half, torch.zeros_like(t), kind, 3, index)
+    expect = w_ref.detach().to(torch.bfloat16)
+    if kind == "rows":
+        expect[index] = 0
+    else:
+        expect[:, index] = 0
+    assert torch.equal(half, expect)
+
+
+def test_exact_delta_round_trips_bit_for_bit():
+    """exact_delta stays fp32 where fp32 subtraction is exact (small updates), so exports are not doubled in size,
+    and falls back to float64 where it is not (a weight that crossed zero far from its base); either way
+    plus_delta(base, delta) gives the trained values back exactly."""
+    base = torch.tensor([1.0, 0.5, -2.0, 3.0])
+    near = torch.tensor([1.001, 0.49, -2.01, 2.9])  # within a factor of two of base: Sterbenz, exact in fp32
+    d = exact_delta(near, base)
+    assert d.dtype == torch.float32
+    assert torch.equal(d, near - base)
+    assert torch.equal(plus_delta(base, d), near)
+    far = torch.tensor([1.0, 0.5, -2.0, -1.2345678e-3])  # 3.0 -> -0.0012345678: 3.0 + fp32(t - 3.0) != t
+    assert not torch.equal(base + (far - base), far)
+    d = exact_delta(far, base)
+    assert d.dtype == torch.float64
+    assert torch.equal(plus_delta(base, d).float(), far)
+    assert torch.equal(d, far.double() - base.double())
+    bf = base.to(torch.bfloat16)  # a bf16 weight under fp32 masters
+    d = exact_delta(near, bf)
+    assert d.dtype == torch.float32 and torch.equal(plus_delta(bf, d), near)
