@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from sparseft.methods.s2ft.layers import SliceLinear
-from sparseft.methods.s2ft.permute import layer_orders, permute_model
+from sparseft.methods.s2ft.permute import layer_orders, permute_model, unpermuted
 from sparseft.models.arch import ROLES, arch_of
 from tests.methods.s2ft.s2ft_testlib import context, logits, s2ft
 
@@ -34,6 +34,25 @@ def test_co_permutation_keeps_logits(load, arch):
     torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=0)
     permute_model(model, spec, orders, inverse=True)
     assert all(torch.equal(t, original[n]) for n, t in model.state_dict().items())
+
+
+
+def test_unpermuted_gives_the_base_layout(load):
+    """unpermuted undoes one weight's co-permutation (export reads base weights through it); a layer the
+    permutation left alone (its selected units already in front, as here, or q_head units) comes back as a copy."""
+    model = load("qwen3")
+    spec = arch_of(model)
+    base = {(layer, role): spec.proj(model, layer, role).weight.detach().clone()
+            for layer in range(spec.num_layers) for role in ROLES}
+    orders = layer_orders({"heads": {"0": [1], "1": [0]}, "channels": {"0": [5, 9], "1": [0, 1]}}, spec)
+    assert set(orders) == {0}
+    permute_model(model, spec, orders)
+    for (layer, role), w in base.items():
+        live = spec.proj(model, layer, role).weight
+        back = unpermuted(live, spec, orders, layer, role)
+        assert torch.equal(back, w), (layer, role)
+        assert back.data_ptr() != live.data_ptr()
+    assert not torch.equal(spec.proj(model, 0, "down").weight, base[(0, "down")])
 
 
 def _expected_trainable(spec, selection) -> int:

@@ -245,3 +245,66 @@ def test_gradient_scores_match_dense_autograd(load, unit):
     torch.testing.assert_close(heads, ref_h.sqrt(), rtol=1e-4, atol=1e-9)
     torch.testing.assert_close(chans, ref_c.sqrt(), rtol=1e-4, atol=1e-9)
     assert heads.shape[1] == (spec.num_heads if unit == "q_head" else spec.num_kv_heads)
+
+
+def test_activation_scores_per_q_head(load):
+    """With unit q_head each of o's q heads is scored on its own (o's columns h*head_dim .. (h+1)*head_dim - 1), not
+    per kv group: a GQA model, so the two differ in count."""
+    model = load("mistral")  # 4 q heads over 2 kv groups
+    batches = reference.padded_batches(model.config.vocab_size, 2)
+    ref_heads, ref_chans = reference.activation_scores(model, batches, unit="q_head")
+    heads, chans = select_module.activation_scores(model, arch_of(model), batches, "q_head")
+    assert heads.shape == (2, 4)
+    torch.testing.assert_close(heads, ref_heads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chans, ref_chans, rtol=1e-4, atol=1e-6)
+
+
+def test_gradient_scores_compute_no_weight_gradient(load):
+    """The point of the hooks: every weight is frozen during the calibration passes, so autograd never builds a weight
+    gradient (the peak stays one transient g^T x); the flags are restored afterwards."""
+    model = load("llama")
+    model.get_input_embeddings().weight.requires_grad_(False)  # a mix of flags to restore
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda *_: seen.append(sorted(n for n, p in model.named_parameters() if p.requires_grad)))
+    select_module.gradient_scores(model, arch_of(model), ["o", "down"], random_batches(model.config.vocab_size, 2))
+    hook.remove()
+    assert seen == [[], []]
+    assert before == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_calibration_batch_moves_to_the_model_device():
+    """Calibration batches go to the device of the model's weights (the meta device stands in for a GPU here); keys
+    the forward pass does not take are dropped, labels are kept."""
+    model = torch.nn.Linear(2, 2, device="meta")
+    ids = torch.ones(2, 3, dtype=torch.long)
+    b = select_module._device_batch(model, {"input_ids": ids, "attention_mask": ids, "labels": ids, "other": ids})
+    assert set(b) == {"input_ids", "attention_mask", "labels", "use_cache"}
+    assert all(b[k].device.type == "meta" for k in ("input_ids", "attention_mask", "labels"))
+
+
+def test_normalized_by_hand():
+    """rank: each unit's place in its layer, scaled to [0, 1], ties in index order (a stable sort: from 17 units on,
+    torch's unstable CPU sort breaks ties otherwise); zscore: a layer whose units all score the same is 0 throughout,
+    although its float64 mean is not exactly that score."""
+    from sparseft.methods.s2ft.select import normalized, pick
+
+    n = 20
+    scores = torch.tensor([[float(i % 3) for i in range(n)], [float(7 * i % 5) for i in range(n)]], dtype=torch.float64)
+
+    def rank(row):  # units scoring less, plus equal ones with a lower index
+        return [sum(b < a or (b == a and j < i) for j, b in enumerate(row)) / (n - 1) for i, a in enumerate(row)]
+
+    assert normalized(scores, "rank").tolist() == [rank(row) for row in scores.tolist()]
+    assert normalized(torch.tensor([[5.0, 2.0]], dtype=torch.float64), "rank").tolist() == [[1.0, 0.0]]
+    assert normalized(torch.tensor([[5.0]], dtype=torch.float64), "rank").tolist() == [[0.0]]
+
+    flat = torch.tensor([[0.7, 0.7, 0.7], [0.0, 1.0, 2.0]], dtype=torch.float64)
+    assert flat[0].mean().item() != 0.7  # rounding: a naive (x - mean) / std is noise over noise
+    z = normalized(flat, "zscore")
+    assert z[0].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(z[1], torch.tensor([-1.5 ** 0.5, 0.0, 1.5 ** 0.5], dtype=torch.float64))
+    assert normalized(flat[:1], "zscore").tolist() == [[0.0, 0.0, 0.0]]
+    assert pick(flat, 2, "global", "largest", "zscore") == {"0": [0], "1": [2]}
