@@ -246,3 +246,17 @@ def test_exact_delta_round_trips_bit_for_bit():
     bf = base.to(torch.bfloat16)  # a bf16 weight under fp32 masters
     d = exact_delta(near, bf)
     assert d.dtype == torch.float32 and torch.equal(plus_delta(bf, d), near)
+
+
+def test_plus_delta_computes_in_fp32_on_the_base_device():
+    """base + delta is summed in fp32 whatever the two are stored in (a bf16 sum would round twice) and lands on the
+    base's device: an adapter's deltas are read on the CPU and applied to a model elsewhere (meta stands in here)."""
+    base = torch.tensor([1.0, 256.0, -3.0]).to(torch.bfloat16)
+    delta = torch.tensor([2.0 ** -9, 1.0, 2.0 ** -7]).to(torch.bfloat16)  # each one below base's bf16 rounding step
+    out = plus_delta(base, delta)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, base.float() + delta.float())
+    assert not torch.equal(out.to(torch.bfloat16).float(), out)  # the fp32 sum is not a bf16 number
+    assert plus_delta(base.float().double(), delta.double()).dtype == torch.float64
+    meta = plus_delta(torch.empty(3, device="meta"), torch.ones(3))
+    assert meta.device.type == "meta" and meta.dtype == torch.float32
