@@ -308,3 +308,63 @@ def test_normalized_by_hand():
     torch.testing.assert_close(z[1], torch.tensor([-1.5 ** 0.5, 0.0, 1.5 ** 0.5], dtype=torch.float64))
     assert normalized(flat[:1], "zscore").tolist() == [[0.0, 0.0, 0.0]]
     assert pick(flat, 2, "global", "largest", "zscore") == {"0": [0], "1": [2]}
+
+
+def test_check_selection_names_each_problem():
+    """A selection read back from a run directory: each thing wrong with it is one problem, worded for the user;
+    selections at the edges (last layer, last unit, q heads beyond the kv-group count under q_head) pass."""
+    from transformers import MistralConfig
+
+    spec = arch_of(MistralConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=128))  # 2 kv groups of 2 q heads
+    good = {"unit": "kv_group", "projections": ["o", "down"], "heads": {"0": [0, 1], "1": []},
+            "channels": {"0": [0, 127], "1": [5]}}
+    select_module.check_selection(good, spec)
+    select_module.check_selection({**good, "unit": "q_head", "heads": {"0": [3], "1": [0, 2]}}, spec)
+    select_module.check_selection({**good, "projections": ["q", "k", "v", "o", "gate", "up", "down"]}, spec)
+
+    units, roles = ["kv_group", "q_head"], ["q", "k", "v", "o", "up", "gate", "down"]
+    cases = [
+        ({"unit": "head"}, [f"unit is 'head', expected one of {units}"]),
+        ({"unit": None}, [f"unit is None, expected one of {units}"]),
+        ({"projections": "o"}, [f"projections: 'o' is not a list of {roles}"]),
+        ({"projections": []}, [f"projections: [] is not a list of {roles}"]),
+        ({"projections": ["o", "x"]}, [f"projections: ['o', 'x'] is not a list of {roles}"]),
+        *[({"unit": "q_head", "projections": [r, "o"], "heads": {"0": [3]}},
+           ["unit q_head trains o only; projections list q, k or v"]) for r in ("q", "k", "v")],
+        ({"heads": None}, ["heads: missing"]),
+        ({"channels": [1]}, ["channels: missing"]),
+        ({"heads": {"2": [0]}}, ["heads: layer '2' is not one of the model's 2 layers"]),
+        ({"heads": {0: [0]}}, ["heads: layer 0 is not one of the model's 2 layers"]),
+        ({"channels": {"-1": [0]}}, ["channels: layer '-1' is not one of the model's 2 layers"]),
+        ({"heads": {"1": [2]}}, ["heads.1: indices must be distinct integers in [0, 2)"]),
+        ({"unit": "q_head", "heads": {"1": [4]}}, ["heads.1: indices must be distinct integers in [0, 4)"]),
+        ({"heads": {"0": [-1]}}, ["heads.0: indices must be distinct integers in [0, 2)"]),
+        ({"heads": {"0": (0,)}}, ["heads.0: indices must be distinct integers in [0, 2)"]),
+        ({"channels": {"0": [1.0]}}, ["channels.0: indices must be distinct integers in [0, 128)"]),
+        ({"channels": {"0": [3, 3]}}, ["channels.0: indices must be distinct integers in [0, 128)"]),
+        ({"channels": {"1": [128]}}, ["channels.1: indices must be distinct integers in [0, 128)"]),
+        ({"heads": None, "channels": {"0": [0], "5": [1], "1": [200]}},  # every problem, not the first only
+         ["heads: missing", "channels: layer '5' is not one of the model's 2 layers",
+          "channels.1: indices must be distinct integers in [0, 128)"]),
+    ]
+    for change, problems in cases:
+        with pytest.raises(UserError, match="s2ft selection does not fit this model") as e:
+            select_module.check_selection({**good, **change}, spec)
+        assert e.value.problems == problems, change
+
+
+def test_summary_by_hand():
+    """The log's line a layer, for each unit and for selections of one kind only."""
+    base = {"num_kv_groups": 2, "num_channels": 128, "heads": {"0": [1], "1": []},
+            "channels": {"0": [3, 9], "1": [0]}}
+    assert select_module.summary({**base, "unit": "kv_group", "projections": ["o", "down"]}) == (
+        "layer 0: heads [1] of 2, channels 2 of 128\nlayer 1: heads [] of 2, channels 1 of 128")
+    assert select_module.summary({**base, "unit": "q_head", "num_q_heads": 4, "projections": ["o"]}) == (
+        "layer 0: q heads [1] of 4\nlayer 1: q heads [] of 4")
+    assert select_module.summary({**base, "projections": ["up"]}) == (
+        "layer 0: channels 2 of 128\nlayer 1: channels 1 of 128")
+    many = {**base, "projections": ["q"], "heads": {str(i): [0] for i in (10, 2, 1)},
+            "channels": {str(i): [] for i in (10, 2, 1)}}
+    assert select_module.summary(many).splitlines()[0].startswith("layer 1:")  # layers in numeric order
+    assert select_module.summary(many).splitlines()[2].startswith("layer 10:")
