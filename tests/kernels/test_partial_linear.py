@@ -166,6 +166,21 @@ def test_rejects_bad_arguments():
         slice_linear(x, w, torch.randn(2, 6), None, "heads")
     with pytest.raises(ValueError, match="k=0"):
         slice_linear(x, w, torch.randn(0, 6), None, "rows")
+    # Every way a slice can fail to fit (w is (8, 6)); and the largest ones that do.
+    for t, kind, index in [
+        (torch.randn(9, 6), "rows", None),  # more rows than the weight
+        (torch.randn(2, 5), "rows", None),  # not every input column
+        (torch.randn(2, 6, 1), "rows", None),
+        (torch.randn(8, 7), "cols", None),  # more columns than the weight
+        (torch.randn(8), "cols", None),
+        (torch.randn(2, 6), "rows", torch.tensor([0, 1, 2])),  # index longer than the slice
+        (torch.randn(8, 2), "cols", torch.tensor([[0, 1]])),  # a 2-D index
+    ]:
+        with pytest.raises(ValueError, match="trainable is not a"):
+            slice_linear(x, w, t, None, kind, index)
+    assert slice_linear(x, w, torch.randn(8, 6), None, "rows").shape == (2, 8)
+    assert slice_linear(x, w, torch.randn(8, 6), None, "cols").shape == (2, 8)
+    assert slice_linear(x, w, torch.randn(8, 2), None, "cols", torch.tensor([5, 0])).shape == (2, 8)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
