@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
 
 from sparseft.methods.s2ft.layers import SliceLinear
-from sparseft.methods.s2ft.permute import layer_orders, permute_model, unpermuted
+from sparseft.methods.s2ft.permute import expand, invert, layer_orders, permute_model, unit_order, unpermuted
 from sparseft.models.arch import ROLES, arch_of
 from tests.methods.s2ft.s2ft_testlib import context, logits, s2ft
 
@@ -35,6 +37,22 @@ def test_co_permutation_keeps_logits(load, arch):
     permute_model(model, spec, orders, inverse=True)
     assert all(torch.equal(t, original[n]) for n, t in model.state_dict().items())
 
+
+
+
+def test_orders_by_hand():
+    """Selected units first (ascending), the rest after in base order; no entry where nothing moves; q_head units are
+    never moved; a layer missing from the selection moves nothing."""
+    assert unit_order([3, 1], 5) == [1, 3, 0, 2, 4]
+    assert unit_order([0, 1], 4) is None and unit_order([], 3) is None and unit_order([2, 0, 1], 3) is None
+    assert expand([2, 0], 3).tolist() == [6, 7, 8, 0, 1, 2]
+    assert expand([1, 0], 1).tolist() == [1, 0]
+    assert invert([1, 3, 0, 2]) == [2, 0, 3, 1]
+    spec = SimpleNamespace(num_layers=3, num_kv_heads=2, intermediate_size=4)
+    sel = {"heads": {"0": [1], "1": [0], "2": [0]}, "channels": {"0": [0], "1": [3], "2": [0, 1]}}
+    assert layer_orders(sel, spec) == {0: ([1, 0], None), 1: (None, [3, 0, 1, 2])}
+    assert layer_orders({**sel, "unit": "q_head"}, spec) == {1: (None, [3, 0, 1, 2])}
+    assert layer_orders({"heads": {"2": [1]}, "channels": {}}, spec) == {2: ([1, 0], None)}
 
 
 def test_unpermuted_gives_the_base_layout(load):
