@@ -368,3 +368,39 @@ def test_summary_by_hand():
             "channels": {str(i): [] for i in (10, 2, 1)}}
     assert select_module.summary(many).splitlines()[0].startswith("layer 1:")  # layers in numeric order
     assert select_module.summary(many).splitlines()[2].startswith("layer 10:")
+
+
+@pytest.mark.parametrize("unit", ["kv_group", "q_head"])
+def test_weight_scores_match_reference(load, unit):
+    """Each unit's L2 norm over the listed projections (rows of q, k, v, gate, up; columns of o, down), against
+    explicit row / column ranges (s2ft_reference.unit_ranges)."""
+    model = load("qwen3")  # GQA with an explicit head_dim
+    spec = arch_of(model)
+    roles = ["o"] if unit == "q_head" else ["q", "k", "v", "o", "gate", "up", "down"]
+    heads, chans = select_module.weight_scores(model, spec, roles, unit)
+    ref_h, ref_c = torch.zeros_like(heads), torch.zeros_like(chans)
+    for layer in range(spec.num_layers):
+        for role in roles:
+            w = spec.proj(model, layer, role).weight
+            (ref_h if role in ("q", "k", "v", "o") else ref_c)[layer] += reference._unit_sq(
+                w.detach(), reference.unit_ranges(model.config, role, unit))
+    assert heads.shape == (2, 4 if unit == "q_head" else 2)
+    torch.testing.assert_close(heads, ref_h.sqrt(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(chans, ref_c.sqrt(), rtol=1e-6, atol=0)
+
+
+def test_pick_by_hand():
+    """The k best of each layer, or of the whole table, sorted per layer; equal scores go in index order (stable
+    sorts: 20 units, where torch's unstable CPU sort breaks ties otherwise)."""
+    from sparseft.methods.s2ft.select import pick
+
+    row = [float(i % 3) for i in range(20)]  # 2 at 2, 5, 8, ...; 0 at 0, 3, 6, ...
+    scores = torch.tensor([row, row[1:] + row[:1]], dtype=torch.float64)  # layer 1: 2 at 1, 4, ...; 0 at 2, 5, ...
+    assert pick(scores, 5, "per_layer", "largest") == {"0": [2, 5, 8, 11, 14], "1": [1, 4, 7, 10, 13]}
+    assert pick(scores, 5, "per_layer", "smallest") == {"0": [0, 3, 6, 9, 12], "1": [2, 5, 8, 11, 14]}
+    assert pick(scores, 8, "global", "largest") == {"0": [2, 5, 8, 11, 14, 17], "1": [1, 4]}
+    assert pick(scores, 8, "global", "smallest") == {"0": [0, 3, 6, 9, 12, 15, 18], "1": [2]}
+    assert pick(scores, 0, "per_layer", "largest") == {"0": [], "1": []}
+    table = torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.7]], dtype=torch.float64)
+    assert pick(table, 3, "global", "largest") == {"0": [1], "1": [0, 2]}
+    assert pick(table, 2, "global", "smallest", "rank") == {"0": [0], "1": [1]}
