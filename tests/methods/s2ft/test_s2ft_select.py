@@ -404,3 +404,29 @@ def test_pick_by_hand():
     table = torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.7]], dtype=torch.float64)
     assert pick(table, 3, "global", "largest") == {"0": [1], "1": [0, 2]}
     assert pick(table, 2, "global", "smallest", "rank") == {"0": [0], "1": [1]}
+
+
+@pytest.mark.parametrize("unit", ["kv_group", "q_head"])
+def test_random_selection_in_full(load, unit):
+    """The whole selection dict of the random strategy: one float64 draw of (layers, head units) first, then one of
+    (layers, channels), from a generator seeded with the method's seed; so a seed picks the same units every time,
+    whichever projections are listed."""
+    model = load("mistral")  # 2 layers, 2 kv groups of 2 q heads, 128 channels
+    g = torch.Generator().manual_seed(5)
+    head_draw = torch.rand(2, 4 if unit == "q_head" else 2, generator=g, dtype=torch.float64)
+    chan_draw = torch.rand(2, 128, generator=g, dtype=torch.float64)
+    method = dict(strategy="random", seed=5, heads={"count": 1, "unit": unit}, channels={"count": 3})
+    sel = select(model, projections=["o", "down"], **method)
+    expected = {"unit": unit, "projections": ["o", "down"], "strategy": "random", "scope": "per_layer",
+                "order": "largest", "num_kv_groups": 2, "num_channels": 128,
+                "heads": reference.top(head_draw, 1), "channels": reference.top(chan_draw, 3)}
+    if unit == "q_head":
+        expected["num_q_heads"] = 4
+    assert sel == expected
+    assert select(model, projections=["down"], **method)["channels"] == expected["channels"]
+    assert select(model, projections=["o"], **method)["heads"] == expected["heads"]
+    two = {**method, "heads": {"count": 2, "unit": unit}}
+    glob = select(model, projections=["o"], scope="global", normalize="rank", **two)
+    assert glob["normalize"] == "rank" and glob["scope"] == "global"
+    assert glob["heads"] == expected["heads"]  # each layer's best ranks 1, the rest below: one a layer
+    assert glob["channels"] == {"0": [], "1": []}
