@@ -178,6 +178,8 @@ def test_rejects_bad_arguments():
     ]:
         with pytest.raises(ValueError, match="trainable is not a"):
             slice_linear(x, w, t, None, kind, index)
+    with pytest.raises(ValueError, match=r"^trainable \(2, 5\), weight \(8, 6\): trainable is not a leading rows"):
+        slice_linear(x, w, torch.randn(2, 5), None, "rows")  # the message names both shapes
     assert slice_linear(x, w, torch.randn(8, 6), None, "rows").shape == (2, 8)
     assert slice_linear(x, w, torch.randn(8, 6), None, "cols").shape == (2, 8)
     assert slice_linear(x, w, torch.randn(8, 2), None, "cols", torch.tensor([5, 0])).shape == (2, 8)
