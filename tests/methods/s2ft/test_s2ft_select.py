@@ -253,7 +253,10 @@ def test_activation_scores_per_q_head(load):
     model = load("mistral")  # 4 q heads over 2 kv groups
     batches = reference.padded_batches(model.config.vocab_size, 2)
     ref_heads, ref_chans = reference.activation_scores(model, batches, unit="q_head")
+    model.train()
     heads, chans = select_module.activation_scores(model, arch_of(model), batches, "q_head")
+    assert model.training and all(m.training for m in model.modules())  # scored in eval mode, then restored
+    assert not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
     assert heads.shape == (2, 4)
     torch.testing.assert_close(heads, ref_heads, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(chans, ref_chans, rtol=1e-4, atol=1e-6)
@@ -268,9 +271,14 @@ def test_gradient_scores_compute_no_weight_gradient(load):
     seen = []
     hook = model.get_output_embeddings().register_forward_hook(
         lambda *_: seen.append(sorted(n for n, p in model.named_parameters() if p.requires_grad)))
+    modes = model.get_output_embeddings().register_forward_hook(lambda m, *_: seen.append(m.training))
+    model.train()
     select_module.gradient_scores(model, arch_of(model), ["o", "down"], random_batches(model.config.vocab_size, 2))
     hook.remove()
-    assert seen == [[], []]
+    modes.remove()
+    assert seen == [[], False, [], False]  # frozen, in eval mode
+    assert model.training and all(m.training for m in model.modules())
+    assert not any(m._forward_hooks for m in model.modules())  # hooks removed
     assert before == {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(p.grad is None for p in model.parameters())
 
