@@ -56,21 +56,27 @@ def test_orders_by_hand():
 
 
 def test_unpermuted_gives_the_base_layout(load):
-    """unpermuted undoes one weight's co-permutation (export reads base weights through it); a layer the
-    permutation left alone (its selected units already in front, as here, or q_head units) comes back as a copy."""
+    """unpermuted undoes one weight's co-permutation (export reads base weights through it), in a layer where only
+    heads moved and one where only channels did; a layer the permutation left alone (selected units already in
+    front, or q_head units) comes back as a copy; the inverse permutation restores every weight exactly."""
     model = load("qwen3")
     spec = arch_of(model)
     base = {(layer, role): spec.proj(model, layer, role).weight.detach().clone()
             for layer in range(spec.num_layers) for role in ROLES}
-    orders = layer_orders({"heads": {"0": [1], "1": [0]}, "channels": {"0": [5, 9], "1": [0, 1]}}, spec)
-    assert set(orders) == {0}
+    orders = layer_orders({"heads": {"0": [1], "1": [0]}, "channels": {"0": [0, 1], "1": [5, 9]}}, spec)
+    assert orders == {0: ([1, 0], None), 1: (None, [5, 9, *[i for i in range(128) if i not in (5, 9)]])}
     permute_model(model, spec, orders)
     for (layer, role), w in base.items():
         live = spec.proj(model, layer, role).weight
         back = unpermuted(live, spec, orders, layer, role)
         assert torch.equal(back, w), (layer, role)
         assert back.data_ptr() != live.data_ptr()
-    assert not torch.equal(spec.proj(model, 0, "down").weight, base[(0, "down")])
+        alone = unpermuted(live, spec, {}, layer, role)  # no entry for the layer
+        assert torch.equal(alone, live) and alone.data_ptr() != live.data_ptr()
+    assert not torch.equal(spec.proj(model, 0, "o").weight, base[(0, "o")])
+    assert not torch.equal(spec.proj(model, 1, "down").weight, base[(1, "down")])
+    permute_model(model, spec, orders, inverse=True)
+    assert all(torch.equal(spec.proj(model, layer, role).weight, w) for (layer, role), w in base.items())
 
 
 def _expected_trainable(spec, selection) -> int:
