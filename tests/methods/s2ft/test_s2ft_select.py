@@ -154,6 +154,10 @@ def test_activation_needs_calibration_data(load):
     (dict(projections=["q"], scope="global", heads={"count": 5}), "method.heads.count=5: the model has 4 kv groups"),
     (dict(projections=["down"], channels={"count": 129}), "method.channels.count=129"),
     (dict(projections=["o", "down"], heads={"count": 0}, channels={"count": 0}), "select nothing"),
+    (dict(projections=["down"], heads={"count": 2}, channels={"count": 0}), "select nothing"),  # heads unlisted
+    (dict(projections=["o"], heads={"count": 5, "unit": "q_head"}), "method.heads.count=5: the model has 4 q heads per"),
+    (dict(projections=["o"], scope="global", heads={"ratio": 0.1, "unit": "q_head"}),
+     "method.heads.ratio=0.1: selects no unit of the 8 q heads in all"),
 ])
 def test_impossible_budgets(load, method, message):
     model = load("mistral")  # 2 kv groups per layer, 2 layers, 128 channels
@@ -409,9 +413,10 @@ def test_pick_by_hand():
     assert pick(scores, 8, "global", "largest") == {"0": [2, 5, 8, 11, 14, 17], "1": [1, 4]}
     assert pick(scores, 8, "global", "smallest") == {"0": [0, 3, 6, 9, 12, 15, 18], "1": [2]}
     assert pick(scores, 0, "per_layer", "largest") == {"0": [], "1": []}
-    table = torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.7]], dtype=torch.float64)
-    assert pick(table, 3, "global", "largest") == {"0": [1], "1": [0, 2]}
-    assert pick(table, 2, "global", "smallest", "rank") == {"0": [0], "1": [1]}
+    table = torch.tensor([[0.1, 0.9, 0.5], [10.0, 20.0, 30.0]], dtype=torch.float64)
+    assert pick(table, 3, "global", "largest") == {"0": [], "1": [0, 1, 2]}  # raw scores unless told otherwise
+    assert pick(table, 3, "global", "largest", "zscore") == {"0": [1, 2], "1": [2]}
+    assert pick(table, 2, "global", "smallest", "rank") == {"0": [0], "1": [0]}
 
 
 @pytest.mark.parametrize("unit", ["kv_group", "q_head"])
@@ -438,3 +443,21 @@ def test_random_selection_in_full(load, unit):
     assert glob["normalize"] == "rank" and glob["scope"] == "global"
     assert glob["heads"] == expected["heads"]  # each layer's best ranks 1, the rest below: one a layer
     assert glob["channels"] == {"0": [], "1": []}
+
+
+@pytest.mark.parametrize("strategy", ["weight", "activation", "gradient"])
+def test_every_strategy_scores_q_heads(load, strategy):
+    """With heads.unit q_head, select ranks each q head on its own scores (the scoring functions are checked
+    against references above): 3 of 4 q heads a layer, which 2 kv groups could not give."""
+    model = load("mistral")  # 4 q heads over 2 kv groups
+    spec = arch_of(model)
+    batches = reference.padded_batches(model.config.vocab_size, 2)
+    method = dict(strategy=strategy, projections=["o"], heads={"count": 3, "unit": "q_head"}, calibration_batches=2)
+    ctx = context(model, **method)
+    ctx.calibration_batches = lambda n: iter(batches[:n])
+    sel = s2ft(**method).select(model, ctx)
+    scores = {"weight": lambda: select_module.weight_scores(model, spec, ["o"], "q_head"),
+              "activation": lambda: select_module.activation_scores(model, spec, batches, "q_head"),
+              "gradient": lambda: select_module.gradient_scores(model, spec, ["o"], batches, "q_head")}[strategy]()[0]
+    assert scores.shape == (2, 4)
+    assert sel["heads"] == reference.top(scores, 3) and sel["num_q_heads"] == 4
