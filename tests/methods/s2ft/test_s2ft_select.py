@@ -155,7 +155,7 @@ def test_activation_needs_calibration_data(load):
     (dict(projections=["down"], channels={"count": 129}), "method.channels.count=129"),
     (dict(projections=["o", "down"], heads={"count": 0}, channels={"count": 0}), "select nothing"),
     (dict(projections=["down"], heads={"count": 2}, channels={"count": 0}), "select nothing"),  # heads unlisted
-    (dict(projections=["o"], heads={"count": 5, "unit": "q_head"}), "method.heads.count=5: the model has 4 q heads per"),
+    (dict(projections=["o"], heads={"count": 5, "unit": "q_head"}), "method.heads.count=5: the model has 4 q heads"),
     (dict(projections=["o"], scope="global", heads={"ratio": 0.1, "unit": "q_head"}),
      "method.heads.ratio=0.1: selects no unit of the 8 q heads in all"),
 ])
