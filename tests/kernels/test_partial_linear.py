@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from sparseft.kernels import leading_slice, slice_linear
+from sparseft.kernels.partial_linear import exact_delta, plus_delta, read_slice, write_slice
 
 # (kind, d_out, d_in, k, leading dims of x)
 CASES = [
@@ -165,6 +166,23 @@ def test_rejects_bad_arguments():
         slice_linear(x, w, torch.randn(2, 6), None, "heads")
     with pytest.raises(ValueError, match="k=0"):
         slice_linear(x, w, torch.randn(0, 6), None, "rows")
+    # Every way a slice can fail to fit (w is (8, 6)); and the largest ones that do.
+    for t, kind, index in [
+        (torch.randn(9, 6), "rows", None),  # more rows than the weight
+        (torch.randn(2, 5), "rows", None),  # not every input column
+        (torch.randn(2, 6, 1), "rows", None),
+        (torch.randn(8, 7), "cols", None),  # more columns than the weight
+        (torch.randn(8), "cols", None),
+        (torch.randn(2, 6), "rows", torch.tensor([0, 1, 2])),  # index longer than the slice
+        (torch.randn(8, 2), "cols", torch.tensor([[0, 1]])),  # a 2-D index
+    ]:
+        with pytest.raises(ValueError, match="trainable is not a"):
+            slice_linear(x, w, t, None, kind, index)
+    with pytest.raises(ValueError, match=r"^trainable \(2, 5\), weight \(8, 6\): trainable is not a leading rows"):
+        slice_linear(x, w, torch.randn(2, 5), None, "rows")  # the message names both shapes
+    assert slice_linear(x, w, torch.randn(8, 6), None, "rows").shape == (2, 8)
+    assert slice_linear(x, w, torch.randn(8, 6), None, "cols").shape == (2, 8)
+    assert slice_linear(x, w, torch.randn(8, 2), None, "cols", torch.tensor([5, 0])).shape == (2, 8)
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[3]])
@@ -183,3 +201,79 @@ def test_backward_uses_the_trained_slice_whatever_the_weight_holds(case):
     F.linear(x_ref, w_ref).backward(gy)
     assert rel_err(x.grad, x_ref.grad) < 1e-6
     assert rel_err(t.grad, leading_slice(w_ref.grad, kind, k)) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["rows", "cols"])
+def test_indexed_slice_matches_dense_reference(kind):
+    """With `index` the trainable part is those rows / columns, in index order (S2FT's per-q-head unit): the dense
+    reference places trainable[i] at index[i] by hand. Non-square, so rows and columns cannot be confused."""
+    d_out, d_in, lead = 12, 7, (2, 3)
+    index = torch.tensor([4, 0, 5])  # unsorted
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(d_out, d_in, generator=g)
+    t = torch.nn.Parameter(torch.randn((3, d_in) if kind == "rows" else (d_out, 3), generator=g))
+    x = torch.randn(*lead, d_in, generator=g).requires_grad_()
+    w_ref = w.clone()
+    for i, j in enumerate(index.tolist()):
+        if kind == "rows":
+            w_ref[j] = t.detach()[i]
+        else:
+            w_ref[:, j] = t.detach()[:, i]
+    w_ref.requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+
+    y = slice_linear(x, w, t, None, kind, index)
+    assert torch.equal(w, w_ref.detach())  # the frozen weight now holds the live values
+    y_ref = F.linear(x_ref, w_ref)
+    gy = torch.randn(y.shape, generator=g)
+    y.backward(gy)
+    y_ref.backward(gy)
+    assert rel_err(y, y_ref) < 1e-6 and rel_err(x.grad, x_ref.grad) < 1e-6
+    ref_t = w_ref.grad[index] if kind == "rows" else w_ref.grad[:, index]
+    assert rel_err(t.grad, ref_t) < 1e-6
+
+    # read_slice / write_slice on their own: the indexed values, written back cast to the weight's dtype.
+    assert torch.equal(read_slice(w, kind, 3, index), t.detach())
+    half = w.to(torch.bfloat16)
+    write_slice(half, torch.zeros_like(t), kind, 3, index)
+    expect = w_ref.detach().to(torch.bfloat16)
+    if kind == "rows":
+        expect[index] = 0
+    else:
+        expect[:, index] = 0
+    assert torch.equal(half, expect)
+
+
+def test_exact_delta_round_trips_bit_for_bit():
+    """exact_delta stays fp32 where fp32 subtraction is exact (small updates), so exports are not doubled in size,
+    and falls back to float64 where it is not (a weight that crossed zero far from its base); either way
+    plus_delta(base, delta) gives the trained values back exactly."""
+    base = torch.tensor([1.0, 0.5, -2.0, 3.0])
+    near = torch.tensor([1.001, 0.49, -2.01, 2.9])  # within a factor of two of base: Sterbenz, exact in fp32
+    d = exact_delta(near, base)
+    assert d.dtype == torch.float32
+    assert torch.equal(d, near - base)
+    assert torch.equal(plus_delta(base, d), near)
+    far = torch.tensor([1.0, 0.5, -2.0, -1.2345678e-3])  # 3.0 -> -0.0012345678: 3.0 + fp32(t - 3.0) != t
+    assert not torch.equal(base + (far - base), far)
+    d = exact_delta(far, base)
+    assert d.dtype == torch.float64
+    assert torch.equal(plus_delta(base, d).float(), far)
+    assert torch.equal(d, far.double() - base.double())
+    bf = base.to(torch.bfloat16)  # a bf16 weight under fp32 masters
+    d = exact_delta(near, bf)
+    assert d.dtype == torch.float32 and torch.equal(plus_delta(bf, d), near)
+
+
+def test_plus_delta_computes_in_fp32_on_the_base_device():
+    """base + delta is summed in fp32 whatever the two are stored in (a bf16 sum would round twice) and lands on the
+    base's device: an adapter's deltas are read on the CPU and applied to a model elsewhere (meta stands in here)."""
+    base = torch.tensor([1.0, 256.0, -3.0]).to(torch.bfloat16)
+    delta = torch.tensor([2.0 ** -9, 1.0, 2.0 ** -7]).to(torch.bfloat16)  # each one below base's bf16 rounding step
+    out = plus_delta(base, delta)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, base.float() + delta.float())
+    assert not torch.equal(out.to(torch.bfloat16).float(), out)  # the fp32 sum is not a bf16 number
+    assert plus_delta(base.float().double(), delta.double()).dtype == torch.float64
+    meta = plus_delta(torch.empty(3, device="meta"), torch.ones(3))
+    assert meta.device.type == "meta" and meta.dtype == torch.float32

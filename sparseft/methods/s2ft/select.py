@@ -124,7 +124,10 @@ def normalized(scores: torch.Tensor, how: str) -> torch.Tensor:
         return ranks.to(torch.float64) / max(n - 1, 1)
     mean = scores.mean(dim=1, keepdim=True)
     std = scores.std(dim=1, keepdim=True, correction=0)
-    return torch.where(std > 0, (scores - mean) / std.clamp_min(1e-300), torch.zeros_like(scores))
+    # A layer whose units all score the same is 0 throughout. Tested on the values, not on std > 0: its mean can
+    # round off the common score (0.7 x 3), and std then comes out as that rounding error (on one row, not on two).
+    flat = (scores == scores[:, :1]).all(dim=1, keepdim=True)  # (L, 1)
+    return torch.where(flat, torch.zeros_like(scores), (scores - mean) / std.clamp_min(1e-300))
 
 
 def pick(scores: torch.Tensor, k: int, scope: str, order: str, normalize: str = "none") -> dict[str, list[int]]:

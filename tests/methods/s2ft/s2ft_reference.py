@@ -15,12 +15,15 @@ PROJ = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj
         "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
-def unit_ranges(config, role: str) -> list[tuple[int, int, int]]:
+def unit_ranges(config, role: str, unit: str = "kv_group") -> list[tuple[int, int, int]]:
     """(dim, start, stop) a unit: kv group j owns q heads j*g .. j*g+g-1 and kv head j; FFN channel c owns row c of
-    gate and up and column c of down. dim 0: rows of the (out, in) weight, 1: columns."""
+    gate and up and column c of down. dim 0: rows of the (out, in) weight, 1: columns. With unit "q_head", q head h
+    owns rows (q) / columns (o) h*head_dim .. (h+1)*head_dim - 1."""
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     hd = getattr(config, "head_dim", None) or config.hidden_size // heads
     g = heads // kv
+    if unit == "q_head" and role in ("q", "o"):
+        return [(0 if role == "q" else 1, h * hd, (h + 1) * hd) for h in range(heads)]
     if role in ("q", "o"):
         return [(0 if role == "q" else 1, j * g * hd, (j + 1) * g * hd) for j in range(kv)]
     if role in ("k", "v"):
@@ -34,9 +37,9 @@ def _unit_sq(w: torch.Tensor, ranges) -> torch.Tensor:
                         dtype=torch.float64)
 
 
-def activation_scores(model, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, kv groups), (L, channels): L2 norm of each unit's input to o / down over the real tokens, each row of each
-    batch run on its own, cut to its attention mask (right padding)."""
+def activation_scores(model, batches: list[dict], unit: str = "kv_group") -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, kv groups or q heads), (L, channels): L2 norm of each unit's input to o / down over the real tokens, each
+    row of each batch run on its own, cut to its attention mask (right padding)."""
     cfg = model.config
     layers = model.model.layers
     inputs: dict[tuple[int, str], list[torch.Tensor]] = {}
@@ -55,7 +58,7 @@ def activation_scores(model, batches: list[dict]) -> tuple[torch.Tensor, torch.T
     out = []
     for role in ("o", "down"):
         # Columns of o / down: the unit ranges of the input side of that weight.
-        ranges = unit_ranges(cfg, role)
+        ranges = unit_ranges(cfg, role, unit)
         out.append(torch.stack([_unit_sq(torch.cat(inputs[(i, role)]), [(1, a, b) for _, a, b in ranges]).sqrt()
                                 for i in range(len(layers))]))
     return out[0], out[1]

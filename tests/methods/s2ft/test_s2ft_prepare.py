@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn as nn
 
 from sparseft.methods.s2ft.layers import SliceLinear
-from sparseft.methods.s2ft.permute import layer_orders, permute_model
+from sparseft.methods.s2ft.permute import expand, invert, layer_orders, permute_model, unit_order, unpermuted
 from sparseft.models.arch import ROLES, arch_of
 from tests.methods.s2ft.s2ft_testlib import context, logits, s2ft
 
@@ -34,6 +36,47 @@ def test_co_permutation_keeps_logits(load, arch):
     torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=0)
     permute_model(model, spec, orders, inverse=True)
     assert all(torch.equal(t, original[n]) for n, t in model.state_dict().items())
+
+
+
+
+def test_orders_by_hand():
+    """Selected units first (ascending), the rest after in base order; no entry where nothing moves; q_head units are
+    never moved; a layer missing from the selection moves nothing."""
+    assert unit_order([3, 1], 5) == [1, 3, 0, 2, 4]
+    assert unit_order([0, 1], 4) is None and unit_order([], 3) is None and unit_order([2, 0, 1], 3) is None
+    assert expand([2, 0], 3).tolist() == [6, 7, 8, 0, 1, 2]
+    assert expand([1, 0], 1).tolist() == [1, 0]
+    assert invert([1, 3, 0, 2]) == [2, 0, 3, 1]
+    spec = SimpleNamespace(num_layers=3, num_kv_heads=2, intermediate_size=4)
+    sel = {"heads": {"0": [1], "1": [0], "2": [0]}, "channels": {"0": [0], "1": [3], "2": [0, 1]}}
+    assert layer_orders(sel, spec) == {0: ([1, 0], None), 1: (None, [3, 0, 1, 2])}
+    assert layer_orders({**sel, "unit": "q_head"}, spec) == {1: (None, [3, 0, 1, 2])}
+    assert layer_orders({"heads": {"2": [1]}, "channels": {}}, spec) == {2: ([1, 0], None)}
+
+
+def test_unpermuted_gives_the_base_layout(load):
+    """unpermuted undoes one weight's co-permutation (export reads base weights through it), in a layer where only
+    heads moved and one where only channels did; a layer the permutation left alone (selected units already in
+    front, or q_head units) comes back as a copy; the inverse permutation restores every weight exactly."""
+    model = load("qwen3")
+    spec = arch_of(model)
+    base = {(layer, role): spec.proj(model, layer, role).weight.detach().clone()
+            for layer in range(spec.num_layers) for role in ROLES}
+    orders = layer_orders({"heads": {"0": [1], "1": [0]}, "channels": {"0": [0, 1], "1": [5, 9]}}, spec)
+    assert orders == {0: ([1, 0], None), 1: (None, [5, 9, *[i for i in range(128) if i not in (5, 9)]])}
+    permute_model(model, spec, orders)
+    for (layer, role), w in base.items():
+        live = spec.proj(model, layer, role).weight
+        back = unpermuted(live, spec, orders, layer, role)
+        assert torch.equal(back, w), (layer, role)
+        assert back.data_ptr() != live.data_ptr()
+        alone = unpermuted(live, spec, {}, layer, role)  # no entry for the layer
+        assert torch.equal(alone, live) and alone.data_ptr() != live.data_ptr()
+    assert not torch.equal(spec.proj(model, 0, "o").weight, base[(0, "o")])
+    assert not torch.equal(spec.proj(model, 1, "down").weight, base[(1, "down")])
+    permute_model(model, spec, orders, inverse=True)
+    assert all(torch.equal(spec.proj(model, layer, role).weight, w) for (layer, role), w in base.items())
 
 
 def _expected_trainable(spec, selection) -> int:
