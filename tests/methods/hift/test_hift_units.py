@@ -66,6 +66,7 @@ def test_order_follows_the_strategy(load):
     assert up.group_names(0) == ["model.embed_tokens.weight"]
     down, _, _ = prepared(model, {"name": "hift", "order": "top_down", "group_size": 2})
     assert _sequence(down, 5) == [1, 0, 1, 0, 1]
+    assert down.cycle_order(0) == [1, 0] and up.cycle_order(3) == [0, 1, 2, 3]  # each group once a cycle
     assert down.group_names(1) == [n for n, _ in model.named_parameters()
                                    if n.startswith(("model.layers.1.", "model.norm", "lm_head"))]
 
