@@ -12,11 +12,12 @@ import argparse
 import time
 import torch
 
-from sparseft.bench.worker import _reset_peak, _rss_mb
+from sparseft.bench.worker import _reset_peak
 from sparseft.methods.s2ft.config import S2FTConfig
 from sparseft.methods.s2ft.select import select_units
 from sparseft.models import load_model
 from sparseft.models.arch import ROLES
+from sparseft.train.precision import rss_mb
 
 
 def main() -> None:
@@ -33,13 +34,13 @@ def main() -> None:
         ids = torch.randint(4, model.config.vocab_size, (args.batch, args.length), generator=g)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     cfg = S2FTConfig(projections=list(ROLES), strategy="gradient", calibration_batches=args.batches)
-    before = _rss_mb("VmRSS")
-    _reset_peak()  # peak RSS counts from here
+    before = rss_mb("VmRSS")
+    _reset_peak(torch.device("cpu"))  # peak RSS counts from here
     tick = time.perf_counter()
     select_units(model, cfg, 0, lambda n: iter(batches[:n]))
     seconds = time.perf_counter() - tick
     print(f"gradient scores of {len(ROLES)} projections x {model.config.num_hidden_layers} layers, "
-          f"{args.batches} batches of {args.batch} x {args.length}: peak {_rss_mb('VmHWM') - before:.0f} MB above the "
+          f"{args.batches} batches of {args.batch} x {args.length}: peak {rss_mb('VmHWM') - before:.0f} MB above the "
           f"loaded model ({before:.0f} MB), {seconds:.1f} s")
 
 
