@@ -32,5 +32,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _torch_threads():
-    torch.set_num_threads(2)
+    # SPARSEFT_TEST_THREADS: fewer where test processes run side by side (make mutate runs two at once).
+    torch.set_num_threads(int(os.environ.get("SPARSEFT_TEST_THREADS", "2")))
     yield
+
