@@ -10,6 +10,8 @@
 #     the first, and metrics.jsonl reports peak GPU memory;
 #   - an S2FT run resumes exactly from a checkpoint in bf16-mixed on the GPU;
 #   - export (merged and adapter), eval and generate on the GPU (--device $DEVICE), with and without the adapter;
+#   - the tests marked `cuda` (HiFT's pinned parking and prefetch, S2FT's calibration and co-permutation on a GPU
+#     model), which `make test` skips without a GPU (needs pytest: the `test` extra);
 #   - `sparseft bench` on the 125M shape (recipes/bench_s2ft.yaml), printing its ratio table.
 # Logs of each check go to $OUT_DIR (default runs/gpu_check). The test suite never depends on this script.
 # DEVICE=cpu runs the same checks on the CPU (a dry run of the script itself; SKIP_BENCH=1 leaves out the 125M bench).
@@ -42,6 +44,8 @@ torch.cuda.get_device_name(0) if ok else 'no GPU'); sys.exit(0 if ok else 1)"
 if [ "$fails" -gt 0 ]; then
   echo "no CUDA device: nothing else to check"; exit 1
 fi
+
+[ "$DEVICE" = cpu ] || check cuda-tests "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/methods
 
 SMALL=$OUT/small-llama
 check small-model "$PY" scripts/make_tiny_model.py --out "$SMALL" --hidden 256 --layers 4 --heads 8 --kv-heads 2 \

@@ -36,3 +36,13 @@ def _torch_threads():
     torch.set_num_threads(int(os.environ.get("SPARSEFT_TEST_THREADS", "2")))
     yield
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` check paths only a CUDA device takes; without one they are skipped (scripts/gpu_check.sh
+    runs them on a GPU)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (scripts/gpu_check.sh runs it on a GPU)")
+    for item in items:
+        if item.get_closest_marker("cuda"):
+            item.add_marker(skip)
