@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from sparseft.cli import app
 from sparseft.export.run import load_run
 from sparseft.methods import MethodContext, build_method
+from sparseft.methods.hift import _MASTER
 from sparseft.recipe import load_recipe
 from sparseft.train.checkpoint import TRAINABLE, load_engine_state, load_method_state, load_trainable, save_state
 from sparseft.train.optim import Engine, lr_factor
@@ -88,8 +89,8 @@ class _Mixed:
     """A bf16 model trained with fp32 masters for the active group (bf16-mixed in one process), each step's gradients
     seeded by step and weight; it writes and reads checkpoints with the trainer's functions, in the trainer's order."""
 
-    def __init__(self, load, max_steps: int):
-        r = hift_recipe({"name": "hift", "order": "random"}, max_steps=max_steps, weight_decay=0.1)
+    def __init__(self, load, max_steps: int, **train):
+        r = hift_recipe({"name": "hift", "order": "random"}, max_steps=max_steps, weight_decay=0.1, **train)
         model = load("llama").to(torch.bfloat16)
         self.method = build_method(r.method)
         ctx = MethodContext(recipe=r, log=lambda s: None, master_dtype=torch.float32)
@@ -157,6 +158,34 @@ def test_resume_under_mixed_precision_brings_back_the_state_and_the_masters(load
     c = _Mixed(load, max_steps=10)
     c.method.load_state_dict(final)
     assert c.method._parked == {} and c.method.state_dict()["next_step"] == 10
+
+
+def test_masters_wait_also_beside_an_optimizer_that_keeps_no_state(load):
+    """Plain SGD (no momentum) keeps no state per weight, so a waiting group's parking holds its fp32 master alone;
+    each turn still starts from the fp32 values of the last (checked in every step by run_step)."""
+    a = _Mixed(load, max_steps=12, optimizer="sgd", momentum=0.0)
+    for step in range(12):
+        a.run_step(step)
+        waiting = set(a.params) - set(a.method.group_names(a.method.group_at(step)))
+        assert not a.engine.optimizer.state
+        assert {n for n in waiting if n in a.last_turn} == set(a.method._parked), step
+        assert all(set(s) == {_MASTER} for s in a.method._parked.values()), step
+    assert len(a.last_turn) == len(a.params), "every group took a turn"
+
+
+def test_the_saved_masters_are_a_snapshot(load):
+    """What state_dict returns for the active group's masters is a copy: training on after it (the group's next
+    turns) changes the weights, not the state a checkpoint is being written from."""
+    a = _Mixed(load, max_steps=20)
+    for step in range(5):
+        a.run_step(step)
+    saved = a.method.state_dict()
+    snapshot = {n: t.clone() for n, t in saved["masters"].items()}
+    assert snapshot
+    for step in range(5, 13):  # two more cycles: the group trains again
+        a.run_step(step)
+    assert all(not torch.equal(a.params[n].float(), t) for n, t in snapshot.items())
+    assert all(torch.equal(saved["masters"][n], t) for n, t in snapshot.items())
 
 
 def test_resumed_masters_land_on_the_device_of_their_weights(load):

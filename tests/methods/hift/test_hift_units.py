@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sparseft.errors import UserError
+from sparseft.methods import MethodContext, build_method
 from sparseft.methods.hift import build_units, group_units
 from sparseft.recipe import load_recipe
 from tests.methods.hift.hift_testlib import prepared, recipe
@@ -102,6 +103,40 @@ def test_prepare_lists_every_weight_as_trainable_in_one_param_group_pair_per_gro
         assert {names[id(p)] for pg in mine for p in pg["params"]} == set(method.group_names(g))
         assert all(pg["weight_decay"] == (0.1 if pg["params"][0].ndim >= 2 else 0.0) for pg in mine)
     assert sum(len(pg["params"]) for pg in groups) == len(names)
+
+
+def test_a_fresh_run_starts_at_step_0_of_the_first_cycle(load):
+    method, _, _ = prepared(load("llama"), {"name": "hift", "order": "top_down"})
+    assert method.state_dict() == {"next_step": 0, "cycle": 0, "position": 0, "order": [3, 2, 1, 0],
+                                   "optimizer_state": {}}
+
+
+def test_without_a_recipe_the_order_is_seeded_with_0_and_no_group_starves(load):
+    """A MethodContext built by hand, without a recipe: the random order takes seed 0 and the run has no step limit,
+    so no group is reported as never training."""
+    logs: list[str] = []
+    method = build_method(recipe({"name": "hift", "order": "random"}).method)
+    model = load("llama")
+    ctx = MethodContext(recipe=None, log=logs.append)
+    selection = method.select(model, ctx)
+    assert selection["seed"] == 0
+    method.prepare(model, selection, ctx)
+    assert method.starved_groups() == [] and not any("never train" in line for line in logs)
+    seeded, _, _ = prepared(load("llama"), {"name": "hift", "order": "random"}, seed=0)
+    assert [method.group_at(s) for s in range(12)] == [seeded.group_at(s) for s in range(12)]
+
+
+def test_prepare_logs_the_groups_and_names_those_a_short_run_never_trains(load):
+    logs: list[str] = []
+    r = recipe({"name": "hift", "group_size": 2}, max_steps=1)
+    method = build_method(r.method)
+    model = load("llama")
+    ctx = MethodContext(recipe=r, log=logs.append)
+    method.prepare(model, method.select(model, ctx), ctx)
+    text = " ".join(logs)
+    assert "4 units in 2 groups (embed+layers.0, layers.1+head)" in text, text
+    assert "1 group(s) never train: layers.1+head" in text, text
+    assert method.starved_groups() == [1]
 
 
 def test_recipe_section():
