@@ -39,7 +39,7 @@ def extract_answer(text: str, rule: str, pattern: str | None = None) -> str | No
         number = found[0 if rule == "first_number" else -1].replace(",", "")
         return number.rstrip("0").rstrip(".") if "." in number else number
     if rule == "regex":
-        m = re.search(pattern or "", text)
+        m = re.search(pattern, text)  # the task schema requires a non-empty pattern here
         if m is None:
             return None
         return m.group(1) if m.re.groups else m.group(0)

@@ -88,7 +88,7 @@ class ExactMatchTask(_TaskBase):
     answer: Literal["stripped", "first_line", "first_number", "last_number", "regex"] = Field(
         "stripped", description="How the answer is read from both the generated text and the reference before "
                                 "they are compared.")
-    pattern: str | None = Field(None, description="answer: regex: the answer is the first group (or the match).")
+    pattern: str | None = Field(None, min_length=1, description="answer: regex: the answer is the first group (or the match).")
     few_shot: FewShot | None = None
     generation: Generation = Field(default_factory=Generation)
 

@@ -67,6 +67,8 @@ def test_bad_task_files(tmp_path, tiny_model_dir, arith_tasks):
         "generation": ({"metric": "exact_match", "data": arith_tasks.data, "generation": {"max_new_tokens": 0}},
                        ["generation.max_new_tokens"]),
         "regex": ({"metric": "exact_match", "data": arith_tasks.data, "answer": "regex"}, ["pattern"]),
+        "empty regex": ({"metric": "exact_match", "data": arith_tasks.data, "answer": "regex", "pattern": ""},
+                        ["pattern", "at least 1 character"]),
         "few shot": ({"metric": "multiple_choice", "data": arith_tasks.data, "few_shot": {"n": 2}},
                      ["few_shot", "exactly one"]),
         "stride": ({"metric": "perplexity", "data": arith_tasks.data, "max_length": 8, "stride": 9},
