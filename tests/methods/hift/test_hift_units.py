@@ -111,6 +111,11 @@ def test_a_fresh_run_starts_at_step_0_of_the_first_cycle(load):
                                    "optimizer_state": {}}
 
 
+def test_an_unprepared_method_has_the_state_of_nothing_done():
+    assert build_method(recipe({"name": "hift"}).method).state_dict() == {
+        "next_step": 0, "cycle": 0, "position": 0, "order": [], "optimizer_state": {}}
+
+
 def test_without_a_recipe_the_order_is_seeded_with_0_and_no_group_starves(load):
     """A MethodContext built by hand, without a recipe: the random order takes seed 0 and the run has no step limit,
     so no group is reported as never training."""

@@ -11,7 +11,7 @@ import torch
 from sparseft.errors import UserError
 from sparseft.export.apply import adapter_applied
 from sparseft.methods.lamda.adapter import read_lamda_adapter
-from sparseft.methods.lamda.layers import LamdaLinear
+from sparseft.methods.lamda.layers import LamdaLinear, merged_weight
 from tests.methods.lamda.lamda_testlib import lamda_layers, logits, prepared, train_steps
 
 
@@ -81,3 +81,15 @@ def test_a_layer_refuses_any_one_tensor_of_another_shape(bad):
              "lamda_start": torch.zeros(3, 3)}[bad]
     with pytest.raises(ValueError, match=r"do not fit rank 2"):
         LamdaLinear(torch.nn.Linear(5, 3), scale=1.0, **{**good, bad: wrong})
+
+
+def test_merged_weight_is_rounded_once_to_the_base_dtype():
+    """base + scale (B S - B0 S0) A summed in fp32 and rounded once to the base weight's dtype (bf16 here)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(48, 32, generator=g).to(torch.bfloat16)
+    t = {"lamda_A": torch.randn(4, 32, generator=g), "lamda_S": torch.randn(4, 4, generator=g),
+         "lamda_B": torch.randn(48, 4, generator=g), "lamda_start": torch.randn(48, 4, generator=g)}
+    merged = merged_weight(base, 0.5, **t)
+    assert merged.dtype == torch.bfloat16
+    expected = base.float() + 0.5 * ((t["lamda_B"] @ t["lamda_S"] - t["lamda_start"]) @ t["lamda_A"])
+    assert torch.equal(merged, expected.to(torch.bfloat16))

@@ -9,6 +9,7 @@ import torch
 from tests.methods.s2ft import s2ft_reference as reference
 from tests.methods.s2ft.s2ft_testlib import context, logits, s2ft
 
+import sparseft.methods.s2ft.select as select_module
 from sparseft.methods.s2ft.permute import layer_orders, permute_model, unpermuted
 from sparseft.models.arch import ROLES, arch_of
 
@@ -37,6 +38,11 @@ def test_calibration_on_the_gpu_picks_the_reference_units(load, strategy):
     sel = s2ft(**method).select(model, ctx)
     assert sel["heads"] == reference.top(ref_heads, 1) and sel["channels"] == reference.top(ref_chans, 16)
     assert all(p.device == CUDA and p.grad is None for p in model.parameters())
+    spec = arch_of(model)
+    heads, chans = (select_module.activation_scores(model, spec, batches) if strategy == "activation"
+                    else select_module.gradient_scores(model, spec, roles, batches))
+    torch.testing.assert_close(heads, ref_heads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(chans, ref_chans, rtol=1e-4, atol=1e-6)
 
 
 def test_co_permutation_on_the_gpu_keeps_logits_and_unpermutes(load):

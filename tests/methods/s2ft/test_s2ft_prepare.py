@@ -47,6 +47,7 @@ def test_orders_by_hand():
     assert unit_order([0, 1], 4) is None and unit_order([], 3) is None and unit_order([2, 0, 1], 3) is None
     assert expand([2, 0], 3).tolist() == [6, 7, 8, 0, 1, 2]
     assert expand([1, 0], 1).tolist() == [1, 0]
+    assert expand([], 3).dtype == torch.long and expand([], 3).numel() == 0  # an index, also when empty
     assert invert([1, 3, 0, 2]) == [2, 0, 3, 1]
     spec = SimpleNamespace(num_layers=3, num_kv_heads=2, intermediate_size=4)
     sel = {"heads": {"0": [1], "1": [0], "2": [0]}, "channels": {"0": [0], "1": [3], "2": [0, 1]}}
