@@ -11,7 +11,8 @@
 #   - an S2FT run resumes exactly from a checkpoint in bf16-mixed on the GPU;
 #   - export (merged and adapter), eval and generate on the GPU (--device $DEVICE), with and without the adapter;
 #   - the tests marked `cuda` (HiFT's pinned parking and prefetch, S2FT's calibration and co-permutation on a GPU
-#     model), which `make test` skips without a GPU (needs pytest: the `test` extra);
+#     model, LaMDA's merge of host adapter tensors, SparseGPT), which `make test` skips without a GPU (needs pytest:
+#     the `test` extra);
 #   - `sparseft bench` on the 125M shape (recipes/bench_s2ft.yaml), printing its ratio table.
 # Logs of each check go to $OUT_DIR (default runs/gpu_check). The test suite never depends on this script.
 # DEVICE=cpu runs the same checks on the CPU (a dry run of the script itself; SKIP_BENCH=1 leaves out the 125M bench).

@@ -83,9 +83,12 @@ def _patch_mutmut() -> None:
 
         for name in PRELOAD:
             importlib.import_module(name)
-        from deepspeed.accelerator import get_accelerator
+        import torch
 
-        get_accelerator()
+        if not torch.cuda.is_available():  # asked through NVML (below), which leaves CUDA uninitialised
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator()  # on a GPU it would initialise CUDA, which forked processes then cannot use
         package = sys.modules["sparseft"]  # the mutated copy, as the test modules imported it
         for info in pkgutil.walk_packages(package.__path__, "sparseft."):
             if not info.name.endswith(".__main__"):  # that one runs the CLI
@@ -101,6 +104,12 @@ PRELOAD = ["transformers.models.llama.modeling_llama", "transformers.models.mist
 
 
 def _mutmut(args: list[str]) -> None:
+    # mutmut runs two mutants' tests at once on two cores: one torch thread each (tests/conftest.py), where two
+    # threads each made every test about 2.4 times slower.
+    os.environ.setdefault("SPARSEFT_TEST_THREADS", "1")
+    # The fork server collects the tests, and tests/conftest.py asks torch.cuda.is_available(): asked through NVML
+    # it does not initialise CUDA in the server, so the tests marked cuda can use the GPU in each fork.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     _patch_mutmut()
     from mutmut.__main__ import cli
 
@@ -142,9 +151,6 @@ def main(argv: list[str]) -> int:
         if unknown:
             print(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}", file=sys.stderr)
             return 2
-        # mutmut runs two mutants' tests at once on two cores: one torch thread each (tests/conftest.py), where two
-        # threads each made every test about 2.4 times slower.
-        os.environ.setdefault("SPARSEFT_TEST_THREADS", "1")
         # One mutmut run for all (its clean run of the covering tests happens once); a module named again reruns.
         runs = [(name, MODULES[name]) for name in argv] or [("all modules", [])]
         for name, patterns in runs:
