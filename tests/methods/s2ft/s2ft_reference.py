@@ -81,6 +81,13 @@ def gradient_scores(model, roles: list[str], batches: list[dict]) -> tuple[torch
     return heads.sqrt(), chans.sqrt()
 
 
+def strategy_scores(model, strategy: str, roles: list[str], batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference scores of a calibrated strategy: activation_scores or gradient_scores (over `roles`)."""
+    if strategy == "activation":
+        return activation_scores(model, batches)
+    return gradient_scores(model, roles, batches)
+
+
 def top(scores: torch.Tensor, k: int) -> dict[str, list[int]]:
     """The k largest of each layer's scores, as a selection's {layer: sorted indices}."""
     return {str(i): sorted(torch.topk(row, k).indices.tolist()) for i, row in enumerate(scores)}

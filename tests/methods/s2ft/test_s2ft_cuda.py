@@ -25,10 +25,7 @@ def test_calibration_on_the_gpu_picks_the_reference_units(load, strategy):
     cpu = load("qwen3")
     batches = reference.padded_batches(cpu.config.vocab_size, 2)
     roles = ["v", "o", "gate", "down"]
-    if strategy == "activation":
-        ref_heads, ref_chans = reference.activation_scores(cpu, batches)
-    else:
-        ref_heads, ref_chans = reference.gradient_scores(cpu, roles, batches)
+    ref_heads, ref_chans = reference.strategy_scores(cpu, strategy, roles, batches)
     model = load("qwen3").to(CUDA)
     method = dict(strategy=strategy, projections=roles, heads={"count": 1}, channels={"count": 16},
                   calibration_batches=2)

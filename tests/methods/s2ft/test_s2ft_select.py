@@ -109,10 +109,7 @@ def test_calibrated_strategies_pick_the_reference_units(load, arch, strategy):
     model = load(arch)
     batches = reference.padded_batches(model.config.vocab_size, 2)
     roles = ["v", "o", "gate", "down"]
-    if strategy == "activation":
-        ref_heads, ref_chans = reference.activation_scores(model, batches)
-    else:
-        ref_heads, ref_chans = reference.gradient_scores(model, roles, batches)
+    ref_heads, ref_chans = reference.strategy_scores(model, strategy, roles, batches)
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     method = dict(strategy=strategy, projections=roles, heads={"count": 1}, channels={"count": 16},
                   calibration_batches=2)
